@@ -1,0 +1,65 @@
+"""Sample quality: one entry point, :func:`quality`, dispatching on the dataset.
+
+Metrics per dataset (DESIGN.md section 7):
+
+- 2-D points: sliced Wasserstein-1 to fresh reference samples (``swd``);
+- scikit-learn digits: Frechet distance in the features of a small cached classifier (``fd_digits``);
+- other image or latent sets: nothing yet (FID through clean-fid is added by registering a
+  metric function for the dataset's name with :func:`register_quality`).
+
+scipy, scikit-learn and safetensors are imported only when a metric needs them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Union
+
+import torch
+
+__all__ = ["quality", "register_quality", "QUALITY_BY_NAME", "QUALITY_BY_MODALITY",
+           "DEFAULT_POINTS"]
+
+DEFAULT_POINTS = 4096            # sample count of the 2-D benchmarks (METHOD.md section 7)
+
+# fn(dataset, samples, *, cache_dir, seed) -> {metric name: value}
+QualityFn = Callable[..., dict]
+QUALITY_BY_NAME: dict[str, QualityFn] = {}       # checked first: info.name
+QUALITY_BY_MODALITY: dict[str, QualityFn] = {}   # fallback: info.modality
+
+
+def register_quality(*, name: Optional[str] = None, modality: Optional[str] = None):
+    """Decorator: use ``fn`` for datasets called ``name`` or, failing a name match, of ``modality``."""
+    if (name is None) == (modality is None):
+        raise ValueError("register_quality takes exactly one of name= or modality=")
+
+    def deco(fn: QualityFn) -> QualityFn:
+        (QUALITY_BY_NAME if name is not None else QUALITY_BY_MODALITY)[name or modality] = fn
+        return fn
+    return deco
+
+
+@register_quality(modality="points")
+def _points_quality(dataset, samples: torch.Tensor, *, cache_dir, seed: int) -> dict:
+    from mfrecipes.evaluate.swd import sliced_wasserstein
+
+    n = len(samples) or DEFAULT_POINTS
+    ref = dataset.reference(n, seed)
+    return {"swd": sliced_wasserstein(samples, ref, seed=seed)}
+
+
+@register_quality(name="digits")
+def _digits_quality(dataset, samples: torch.Tensor, *, cache_dir, seed: int) -> dict:
+    from mfrecipes.evaluate.digits_classifier import digits_fd
+
+    return {"fd_digits": digits_fd(samples, cache_dir)}
+
+
+def quality(dataset, samples: torch.Tensor, *, cache_dir: Union[str, os.PathLike, None] = None,
+            seed: int = 0) -> dict[str, float]:
+    """Quality metrics of ``samples [N, *sample_shape]`` for ``dataset`` (lower is better for
+    every metric returned); ``{}`` when no metric is registered for it."""
+    info = dataset.info
+    fn = QUALITY_BY_NAME.get(info.name) or QUALITY_BY_MODALITY.get(info.modality)
+    if fn is None:
+        return {}
+    return {k: float(v) for k, v in fn(dataset, samples, cache_dir=cache_dir, seed=seed).items()}

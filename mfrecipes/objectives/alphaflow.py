@@ -1,0 +1,184 @@
+"""AlphaFlow (Zhang et al. 2025; METHOD.md section 7): a curriculum from trajectory flow matching
+to MeanFlow without a JVP until the end.
+
+For r != t samples, with s = alpha r + (1 - alpha) t::
+
+    u_tgt = alpha v_g + (1 - alpha) stopgrad(u(z_t - (t - s) v_g, r, s))      clamped to [-c, c]
+
+where u(z, r, s) is the average velocity over [r, s]: the net is called as (z, time=s, h=s - r).
+alpha = 1 is trajectory flow matching (every sample regressed on v_g); alpha = 0 is MeanFlow and
+uses its JVP target. alpha follows a sigmoid from 1 to 0 over a window of training progress:
+``alpha = 1 - sigmoid(gamma (p - mid) / (p1 - p0))`` with gamma = 25, snapped to 1 (0) within
+``snap`` of 1 (0) (AlphaFlow, Alg. 2). Our reading: r = t samples always regress on v_g (the
+formula is 0/0 there), as in MeanFlow.
+
+Weighting: the paper weights discrete samples by ``alpha / (err + c)``. The loss weightings here
+see only ``err``, so the alpha factor is exposed as the ``alpha`` diagnostic and, with
+``scale_err_by_alpha=True``, multiplied into ``err`` of the r != t samples (note that an adaptive
+weighting with p = 1 then largely normalises it away: 1 / (alpha err + c) * alpha err).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import attrs
+import torch
+
+from mfrecipes.objectives.base import (
+    ObjectiveOutput,
+    apply_class_dropout,
+    as_batch,
+    check_inputs,
+    interpolate,
+    masked_mean,
+    sum_sq,
+    to_floats,
+)
+from mfrecipes.objectives.guidance import Guidance
+from mfrecipes.objectives.meanflow import MeanFlow
+from mfrecipes.registry import OBJECTIVES
+
+__all__ = ["AlphaFlow"]
+
+
+@OBJECTIVES.register("alphaflow")
+@attrs.frozen
+class AlphaFlow:
+    """AlphaFlow: alpha-interpolated consistency target, sigmoid curriculum from FM to MeanFlow.
+
+    Parameters
+    ----------
+    alpha: a constant alpha in [0, 1] (ablations); None follows the sigmoid schedule.
+    alpha_start, alpha_end: the progress window of the sigmoid (alpha = 1 before, 0 after).
+    gamma: sigmoid sharpness (paper: 25). snap: alpha within this of 0 or 1 is set to 0 or 1.
+    target_clamp: |u_tgt| bound on the r != t samples (paper configs: 4.0); None: no clamp.
+    scale_err_by_alpha: multiply err of r != t samples by alpha (the paper's weight factor).
+    selective, jvp_impl, jvp_dtype: passed to the MeanFlow target used at alpha = 0.
+    omega, kappa, t_start, t_end, class_dropout: training-time guidance (METHOD.md section 4).
+    num_classes: set by the framework from the dataset (None: unconditional).
+    """
+
+    alpha: Optional[float] = None
+    alpha_start: float = 0.0
+    alpha_end: float = 1.0
+    gamma: float = 25.0
+    snap: float = 5e-3
+    target_clamp: Optional[float] = 4.0
+    scale_err_by_alpha: bool = False
+    selective: bool = True
+    jvp_impl: str = "auto"
+    jvp_dtype: Optional[str] = None
+    omega: float = 1.0
+    kappa: float = 0.0
+    t_start: float = 0.0
+    t_end: float = 1.0
+    class_dropout: float = 0.0
+    num_classes: Optional[int] = None
+    _meanflow: MeanFlow = attrs.field(init=False, repr=False, eq=False)
+
+    @_meanflow.default
+    def _make_meanflow(self) -> MeanFlow:
+        # validates the shared settings (guidance, JVP, num_classes) once
+        return MeanFlow(selective=self.selective, jvp_impl=self.jvp_impl,
+                        jvp_dtype=self.jvp_dtype, omega=self.omega, kappa=self.kappa,
+                        t_start=self.t_start, t_end=self.t_end,
+                        class_dropout=self.class_dropout, num_classes=self.num_classes)
+
+    def __attrs_post_init__(self) -> None:
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1] or None (schedule), got {self.alpha!r}")
+        if not 0 <= self.alpha_start <= self.alpha_end <= 1:
+            raise ValueError(f"need 0 <= alpha_start <= alpha_end <= 1, got "
+                             f"alpha_start={self.alpha_start!r}, alpha_end={self.alpha_end!r}")
+        if not self.gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {self.gamma!r}")
+        if not 0 <= self.snap < 0.5:
+            raise ValueError(f"snap must be in [0, 0.5), got {self.snap!r}")
+        if self.target_clamp is not None and not self.target_clamp > 0:
+            raise ValueError(f"target_clamp must be > 0 or None, got {self.target_clamp!r}")
+
+    def alpha_at(self, progress: float) -> float:
+        """alpha at ``progress``: sigmoid from 1 to 0 over [alpha_start, alpha_end] (Alg. 2)."""
+        if self.alpha is not None:
+            a = self.alpha
+        elif self.alpha_end == self.alpha_start:
+            a = 1.0 if progress < self.alpha_start else 0.0
+        else:
+            mid = 0.5 * (self.alpha_start + self.alpha_end)
+            x = self.gamma * (progress - mid) / (self.alpha_end - self.alpha_start)
+            a = 1.0 - 1.0 / (1.0 + math.exp(-x))
+        if a > 1 - self.snap:
+            return 1.0
+        if a < self.snap:
+            return 0.0
+        return a
+
+    def __call__(self, net, x: torch.Tensor, y: Optional[torch.Tensor], t: torch.Tensor,
+                 r: torch.Tensor, noise: torch.Tensor, *, progress: float, ema_net=None,
+                 generator: Optional[torch.Generator] = None) -> ObjectiveOutput:
+        """x, noise [B, ...]; y [B] or None; t, r [B] with r <= t; ``generator`` drives class
+        dropout (default: the global RNG)."""
+        alpha = self.alpha_at(progress)
+        if alpha == 0:
+            out = self._meanflow(net, x, y, t, r, noise, progress=progress, ema_net=ema_net,
+                                 generator=generator)
+            out.diagnostics["alpha"] = 0.0
+            return out
+
+        check_inputs(x, t, r, noise, y)
+        g: Guidance = self._meanflow._guidance
+        z, v = interpolate(x, noise, t)                   # [B, ...]
+        h = t - r                                         # [B]
+        is_avg = h != 0                                   # [B] r != t
+        y, dropped = apply_class_dropout(y, g.class_dropout, self.num_classes, generator)
+        guided = g.mask(t, y, dropped)                    # [B] bool or None
+        avg_idx = is_avg.nonzero().squeeze(1)
+        eq_idx = (~is_avg).nonzero().squeeze(1)
+
+        # one batched no-grad CFG call; the r = t rows' u_cond is their prediction
+        cond_idx = uncond_idx = avg_idx[:0]
+        if guided is not None:
+            uncond_idx = guided.nonzero().squeeze(1)
+            if g.needs_cond:
+                cond_idx = (guided & is_avg).nonzero().squeeze(1)
+        u_cond, u_uncond = g.forwards(net, z, t, y, cond_idx, uncond_idx, self.num_classes)
+
+        u = net(z, t, h, y)                               # [B, ...] prediction u(z_t, r, t)
+        if guided is not None and g.needs_cond:
+            u_cond[eq_idx] = u.detach()[eq_idx].to(z.dtype)
+        v_g = v if guided is None else g.mix(v, u_cond, u_uncond, guided)
+
+        target = v_g.clone()                              # r = t rows: flow matching (Eq. 5)
+        if len(avg_idx):
+            tgt = v_g[avg_idx]
+            if alpha < 1:
+                s = alpha * r + (1 - alpha) * t           # [B], r <= s <= t
+                z_s = z - as_batch(t - s, z) * v_g        # step back along v_g to time s
+                ya = None if y is None else y[avg_idx]
+                with torch.no_grad():
+                    # u(z_s, r, s): the average velocity over [r, s] (time s, h = s - r)
+                    u_s = net(z_s[avg_idx], s[avg_idx], (s - r)[avg_idx], ya).to(z.dtype)
+                tgt = alpha * tgt + (1 - alpha) * u_s     # AlphaFlow target
+            if self.target_clamp is not None:
+                tgt = tgt.clamp(-self.target_clamp, self.target_clamp)
+            target[avg_idx] = tgt
+        target = target.detach()
+
+        err = sum_sq(u - target)                          # [B]
+        if self.scale_err_by_alpha and alpha != 1:
+            err = torch.where(is_avg, alpha * err, err)
+        err_d = err.detach()
+        stats = {
+            "alpha": alpha,
+            "v_loss": sum_sq(u.detach() - v).mean(),
+            "u_err": masked_mean(err_d, is_avg),
+            "v_err": masked_mean(err_d, ~is_avg),
+            "avg_share": is_avg.float().mean(),
+        }
+        if guided is not None:
+            stats["cfg_share"] = guided.float().mean()
+        if dropped is not None:
+            stats["drop_share"] = dropped.float().mean()
+        return ObjectiveOutput(err=err, is_average=is_avg, u=u.detach(), target=target,
+                               diagnostics=to_floats(stats))

@@ -1,0 +1,234 @@
+"""The MeanFlow objective (METHOD.md sections 3, 4 and 7), with CFG-mixed targets.
+
+    (u, du/dt) = jvp(lambda z, t, r: net(z, t, t - r, y), (z_t, t, r), (tangent_z, 1, 0))
+    u_tgt      = stopgrad(v_g - (t - r) du/dt)                                      (Eq. 4)
+    err        = sum over non-batch dims of (u - u_tgt)^2
+
+The prediction u is the primal output of the JVP call, so one call gives both. Samples with r = t
+reduce to flow matching (Eq. 5): their JVP term is multiplied by 0, so the selective path runs the
+tangent pass only on the r != t samples and a plain forward on the others (same loss, same
+gradients, about one forward-equivalent less per r = t sample).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+import torch
+
+from mfrecipes.objectives.base import (
+    ObjectiveOutput,
+    apply_class_dropout,
+    as_batch,
+    check_inputs,
+    draw,
+    interpolate,
+    masked_mean,
+    randn_like_sample,
+    sample_dim,
+    sum_sq,
+    to_floats,
+)
+from mfrecipes.objectives.control_variate import ControlVariate
+from mfrecipes.objectives.guidance import Guidance
+from mfrecipes.objectives.jvp import JVP_IMPLS, jvp_forward, jvp_precision
+from mfrecipes.registry import OBJECTIVES
+
+__all__ = ["MeanFlow"]
+
+JVP_DTYPES = (None, "float32")
+
+
+def _rows(mask: torch.Tensor) -> torch.Tensor:
+    return mask.nonzero().squeeze(1)
+
+
+def _take(x: Optional[torch.Tensor], idx: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if x is None else x[idx]
+
+
+@OBJECTIVES.register("meanflow")
+@attrs.frozen
+class MeanFlow:
+    """MeanFlow: JVP target (Eq. 4), CFG-mixed targets, selective JVP, control-variate tangent.
+
+    Parameters
+    ----------
+    selective: run the tangent pass only on the r != t samples (identical loss; faster).
+    jvp_impl: "auto" (the backbone's ``forward_jvp`` when it has one, else ``torch.func.jvp``),
+        "torch_func", or "manual" (``forward_jvp``; falls back to ``torch.func.jvp`` without it).
+    jvp_dtype: None keeps the ambient precision; "float32" computes the JVP and the target with
+        autocast off and inputs cast to float32 (the official recipe: bf16 rounding in du/dt is
+        multiplied by t - r and lands in the target). It costs the JVP's speed and memory savings
+        of bf16, and needs float32 module parameters (autocast-style mixed precision, not a module
+        stored in bf16).
+    omega, kappa, t_start, t_end, class_dropout: training-time guidance (METHOD.md section 4);
+        omega = 1 and kappa = 0 is no guidance. A dropped sample gets the null label and plain v.
+    v_noise: k of the v-target corruption (Fig. 3): ``k ||v|| n / sqrt(dim)`` is added to the
+        target of the r = t samples only, never to the tangent.
+    beta_cv, beta_cv_source, beta_cv_schedule, beta_cv_s0, beta_cv_s1: control-variate tangent
+        (METHOD.md section 7); source "ema" uses the ``ema_net`` passed to the call and falls
+        back to the current net when there is none (diagnostic ``cv_ema_fallback`` = 1).
+    fm_anchor_weight, fm_anchor_delta: flow-matching anchor
+        ``weight ||u(z_t, t, h=delta) - v_g||^2``, delta ~ U[0, fm_anchor_delta] (clipped to t
+        so r >= 0), added to ``err`` of every sample, so the loss weightings scale it with the
+        sample. Our reading: the anchor regresses on v_g,
+        the velocity the rest of the target uses (v when guidance is off). One extra forward.
+    num_classes: set by the framework from the dataset (None: unconditional).
+    """
+
+    selective: bool = True
+    jvp_impl: str = "auto"
+    jvp_dtype: Optional[str] = None
+    omega: float = 1.0
+    kappa: float = 0.0
+    t_start: float = 0.0
+    t_end: float = 1.0
+    class_dropout: float = 0.0
+    v_noise: float = 0.0
+    beta_cv: float = 0.0
+    beta_cv_source: str = "ema"
+    beta_cv_schedule: str = "constant"
+    beta_cv_s0: float = 0.0
+    beta_cv_s1: float = 1.0
+    fm_anchor_weight: float = 0.0
+    fm_anchor_delta: float = 1e-3
+    num_classes: Optional[int] = None
+    _guidance: Guidance = attrs.field(init=False, repr=False, eq=False)
+    _cv: ControlVariate = attrs.field(init=False, repr=False, eq=False)
+
+    @_guidance.default
+    def _make_guidance(self) -> Guidance:
+        return Guidance(self.omega, self.kappa, self.t_start, self.t_end, self.class_dropout)
+
+    @_cv.default
+    def _make_cv(self) -> ControlVariate:
+        return ControlVariate(self.beta_cv, self.beta_cv_source, self.beta_cv_schedule,
+                              self.beta_cv_s0, self.beta_cv_s1)
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.selective, bool):
+            raise ValueError(f"selective must be true or false, got {self.selective!r}")
+        if self.jvp_impl not in JVP_IMPLS:
+            raise ValueError(f"jvp_impl must be one of {JVP_IMPLS}, got {self.jvp_impl!r}")
+        if self.jvp_dtype not in JVP_DTYPES:
+            raise ValueError(f"jvp_dtype must be one of {JVP_DTYPES}, got {self.jvp_dtype!r}")
+        if not self.v_noise >= 0:
+            raise ValueError(f"v_noise must be >= 0, got {self.v_noise!r}")
+        if not self.fm_anchor_weight >= 0:
+            raise ValueError(f"fm_anchor_weight must be >= 0, got {self.fm_anchor_weight!r}")
+        if not self.fm_anchor_delta >= 0:
+            raise ValueError(f"fm_anchor_delta must be >= 0, got {self.fm_anchor_delta!r}")
+        if self.num_classes is not None and not (isinstance(self.num_classes, int)
+                                                 and self.num_classes > 0):
+            raise ValueError(f"num_classes must be a positive int or None, "
+                             f"got {self.num_classes!r}")
+        self._guidance.check_labels(self.num_classes)
+
+    def __call__(self, net, x: torch.Tensor, y: Optional[torch.Tensor], t: torch.Tensor,
+                 r: torch.Tensor, noise: torch.Tensor, *, progress: float, ema_net=None,
+                 generator: Optional[torch.Generator] = None) -> ObjectiveOutput:
+        """x, noise [B, ...]; y [B] long or None; t, r [B] with r <= t; ``generator`` drives class
+        dropout, v_noise and the anchor's delta (default: the global RNG)."""
+        check_inputs(x, t, r, noise, y)
+        g = self._guidance
+        z, v = interpolate(x, noise, t)                   # [B, ...]
+        h = t - r                                         # [B]
+        is_avg = h != 0                                   # [B] r != t
+        y, dropped = apply_class_dropout(y, g.class_dropout, self.num_classes, generator)
+        guided = g.mask(t, y, dropped)                    # [B] bool or None
+        beta = self._cv.at(progress)
+
+        jvp_rows = is_avg if self.selective else torch.ones_like(is_avg)
+        jvp_idx, plain_idx = _rows(jvp_rows), _rows(~jvp_rows)
+
+        # -- one batched no-grad call: u_uncond for guided rows, u_cond where the tangent needs it
+        ema_fallback = beta > 0 and self.beta_cv_source == "ema" and ema_net is None
+        proxy_from_net = beta > 0 and not (self.beta_cv_source == "ema" and ema_net is not None)
+        need_cond = torch.zeros_like(is_avg)
+        if guided is not None and g.needs_cond:
+            need_cond |= guided & jvp_rows  # r = t rows in the plain pass use their prediction
+        if proxy_from_net:
+            need_cond |= jvp_rows
+        cond_idx = _rows(need_cond)
+        uncond_idx = _rows(guided) if guided is not None else cond_idx[:0]
+        u_cond, u_uncond = g.forwards(net, z, t, y, cond_idx, uncond_idx, self.num_classes)
+
+        # -- JVP rows: prediction and total derivative from one call
+        parts_u, parts_tgt = [], []
+        if len(jvp_idx):
+            v_j = v[jvp_idx]
+            v_g_j = v_j if guided is None else g.mix(v_j, u_cond[jvp_idx], u_uncond[jvp_idx],
+                                                     guided[jvp_idx])
+            tangent = v_g_j
+            if beta > 0:
+                if proxy_from_net:
+                    proxy = u_cond[jvp_idx]
+                else:
+                    with torch.no_grad():
+                        proxy = ema_net(z[jvp_idx], t[jvp_idx], torch.zeros_like(t[jvp_idx]),
+                                        _take(y, jvp_idx)).to(z.dtype)
+                # control variate (Lu & Wang): only the tangent is mixed, the target keeps v_g
+                tangent = (1 - beta) * v_g_j + beta * proxy
+            with jvp_precision(self.jvp_dtype, z.device.type) as cast:
+                zj, tj, hj, tangent_j, v_g_c = z[jvp_idx], t[jvp_idx], h[jvp_idx], tangent, v_g_j
+                if cast is not None:
+                    zj, tj, hj, tangent_j, v_g_c = (a.to(cast)
+                                                    for a in (zj, tj, hj, tangent_j, v_g_c))
+                ones = torch.ones_like(tj)
+                # h = t - r is formed from (t, r) with tangents (1, 0): its tangent is 1 (METHOD 2)
+                u_j, dudt = jvp_forward(net, zj, tj, hj, _take(y, jvp_idx), tangent_j, ones, ones,
+                                        impl=self.jvp_impl)
+                tgt_j = v_g_c - as_batch(hj, dudt) * dudt  # MeanFlow identity target (Eq. 4)
+            parts_u.append(u_j)
+            parts_tgt.append(tgt_j.detach())
+
+        # -- r = t rows (selective path): plain forward, target v_g (Eq. 5)
+        if len(plain_idx):
+            u_p = net(z[plain_idx], t[plain_idx], h[plain_idx], _take(y, plain_idx))
+            if guided is not None and g.needs_cond:
+                u_cond[plain_idx] = u_p.detach().to(z.dtype)  # u(z_t, t, t) is u_cond itself
+            if self.jvp_dtype is not None:
+                u_p = u_p.to(getattr(torch, self.jvp_dtype))
+            parts_u.append(u_p)
+            parts_tgt.append(None)  # filled from v_g below
+
+        v_g = v if guided is None else g.mix(v, u_cond, u_uncond, guided)   # [B, ...]
+        if len(plain_idx):
+            parts_tgt[-1] = v_g[plain_idx].to(parts_u[-1].dtype)
+        inverse = torch.argsort(torch.cat([jvp_idx, plain_idx]))
+        u = torch.cat(parts_u)[inverse]                    # [B, ...] back in batch order
+        target = torch.cat(parts_tgt)[inverse].detach()
+
+        if self.v_noise > 0:
+            # v-target corruption (Fig. 3): k ||v|| n / sqrt(dim), on the L_v targets only
+            scale = self.v_noise * v.flatten(1).norm(dim=1) / sample_dim(v) ** 0.5
+            corrupt = as_batch(scale, v) * randn_like_sample(v, generator)
+            target = target + torch.where(as_batch(is_avg, v), 0.0, corrupt).to(target.dtype)
+
+        err = sum_sq(u - target)                           # [B]
+        stats = {}
+        if self.fm_anchor_weight > 0:
+            delta = draw(torch.rand, t.shape, generator, t.device, t.dtype)
+            delta = torch.minimum(delta * self.fm_anchor_delta, t)  # keep r = t - delta >= 0
+            anchor = sum_sq(net(z, t, delta, y) - v_g.detach())
+            err = err + self.fm_anchor_weight * anchor.to(err.dtype)
+            stats["anchor_err"] = anchor.detach().mean()
+
+        u_d = u.detach()
+        err_d = err.detach()
+        stats.update(
+            v_loss=sum_sq(u_d - v.to(u_d.dtype)).mean(),
+            u_err=masked_mean(err_d, is_avg),
+            v_err=masked_mean(err_d, ~is_avg),
+            avg_share=is_avg.float().mean(),
+        )
+        if guided is not None:
+            stats["cfg_share"] = guided.float().mean()
+        if dropped is not None:
+            stats["drop_share"] = dropped.float().mean()
+        if self.beta_cv > 0:
+            stats["beta_cv"] = beta
+            stats["cv_ema_fallback"] = float(ema_fallback)
+        return ObjectiveOutput(err=err, is_average=is_avg, u=u_d, target=target,
+                               diagnostics=to_floats(stats))

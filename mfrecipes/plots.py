@@ -1,0 +1,138 @@
+"""PNG figures: sample grids, 2-D scatter plots, convergence curves.
+
+Every file is written atomically (a temporary file in the same folder, then ``os.replace``), so a
+run killed mid-write never leaves a truncated PNG. matplotlib is used through its Agg canvas
+directly (no pyplot, no display, no global state).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+__all__ = ["images_to_uint8", "save_image_grid", "save_scatter", "save_curves"]
+
+PathLike = Union[str, os.PathLike]
+
+
+def _atomic_target(path: PathLike) -> tuple[Path, Path]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _commit(tmp: Path, path: Path) -> Path:
+    os.replace(tmp, path)
+    return path
+
+
+def images_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """``x [N, C, H, W]`` in [-1, 1] -> ``[N, H, W, C]`` uint8 via ``clip(127.5 x + 128)``
+    (METHOD.md section 10)."""
+    x = x.detach().to("cpu", torch.float32)
+    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def save_image_grid(x: torch.Tensor, path: PathLike, nrow: Optional[int] = None,
+                    upscale: Optional[int] = None, *, min_cell: int = 32, pad: int = 2,
+                    pad_value: int = 128) -> Path:
+    """Write ``x [N, C, H, W]`` in [-1, 1] (C = 1 grey or 3 RGB) as one PNG grid.
+
+    ``nrow`` images per row (default ceil(sqrt(N))). Cells are enlarged by nearest-neighbour
+    ``upscale`` (default: the smallest integer factor that makes a cell at least ``min_cell``
+    pixels, so 8x8 digits become 32x32), separated by ``pad`` pixels of grey ``pad_value``.
+    """
+    from PIL import Image
+
+    if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
+        raise ValueError(f"save_image_grid expects a non-empty [N, C, H, W] batch with C = 1 or 3 "
+                         f"(decode latents first), got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if upscale is None:
+        upscale = max(1, math.ceil(min_cell / min(h, w)))
+    img = images_to_uint8(x)                                            # [N, H, W, C]
+    img = img.repeat(upscale, axis=1).repeat(upscale, axis=2)           # nearest-neighbour
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol_rows = math.ceil(n / nrow)
+    ch, cw = h * upscale, w * upscale
+    grid = np.full((pad + ncol_rows * (ch + pad), pad + nrow * (cw + pad), c), pad_value, np.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        top, left = pad + r * (ch + pad), pad + k * (cw + pad)
+        grid[top:top + ch, left:left + cw] = img[i]
+    pil = Image.fromarray(grid[..., 0] if c == 1 else grid)            # mode L (grey) or RGB
+    path, tmp = _atomic_target(path)
+    pil.save(tmp, format="PNG")
+    return _commit(tmp, path)
+
+
+def _new_figure(figsize):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_figure(fig, path: PathLike) -> Path:
+    path, tmp = _atomic_target(path)
+    fig.savefig(tmp, format="png", bbox_inches="tight")
+    return _commit(tmp, path)
+
+
+def save_scatter(points: torch.Tensor, path: PathLike, reference: Optional[torch.Tensor] = None,
+                 title: Optional[str] = None, *,
+                 limits: Optional[tuple[float, float]] = None) -> Path:
+    """Scatter ``points [N, 2]`` (and ``reference [M, 2]`` underneath, in grey) to a PNG.
+
+    Both axes share ``limits`` (default: a square covering both sets with a 5 % margin), so the
+    two sets and successive figures of one run are drawn on the same scale.
+    """
+    p = np.asarray(torch.as_tensor(points).detach().cpu().float().numpy()).reshape(-1, 2)
+    ref = None if reference is None else (
+        np.asarray(torch.as_tensor(reference).detach().cpu().float().numpy()).reshape(-1, 2))
+    if limits is None:
+        both = p if ref is None else np.concatenate([p, ref], 0)
+        both = both[np.isfinite(both).all(1)]
+        lo, hi = (float(both.min()), float(both.max())) if len(both) else (-1.0, 1.0)
+        margin = 0.05 * max(hi - lo, 1e-6)
+        limits = (lo - margin, hi + margin)
+    fig = _new_figure((5, 5))
+    ax = fig.add_subplot(1, 1, 1)
+    if ref is not None:
+        ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.7", alpha=0.5, linewidths=0, label="reference")
+    ax.scatter(p[:, 0], p[:, 1], s=2, c="tab:blue", alpha=0.6, linewidths=0, label="samples")
+    ax.set_xlim(*limits)
+    ax.set_ylim(*limits)
+    ax.set_aspect("equal")
+    if ref is not None:
+        ax.legend(loc="upper right", markerscale=4, fontsize="small")
+    if title:
+        ax.set_title(title)
+    return _save_figure(fig, path)
+
+
+def save_curves(curves: Sequence[tuple[str, Sequence[float], Sequence[float]]], path: PathLike, *,
+                xlabel: str = "images seen", ylabel: str = "metric", title: Optional[str] = None,
+                logy: bool = False) -> Path:
+    """Plot ``curves`` = ``[(label, xs, ys), ...]`` (e.g. FID against images seen, one curve per
+    recipe) on one set of axes and write a PNG."""
+    fig = _new_figure((6, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    for label, xs, ys in curves:
+        ax.plot(list(xs), list(ys), marker="o", markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    if curves:
+        ax.legend(fontsize="small")
+    ax.grid(True, alpha=0.3)
+    return _save_figure(fig, path)

@@ -1,0 +1,5 @@
+"""Recipes: schema (attrs), load (YAML, base:, overrides), build (registries -> parts)."""
+from mfrecipes.recipe.load import apply_overrides, dump_yaml, load_raw, load_recipe
+from mfrecipes.recipe.schema import Recipe
+
+__all__ = ["Recipe", "load_recipe", "load_raw", "apply_overrides", "dump_yaml"]

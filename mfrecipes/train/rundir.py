@@ -1,0 +1,56 @@
+"""The run directory records what ran: resolved recipe, plugins, environment."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+from mfrecipes import __version__, plugins
+from mfrecipes.recipe.load import dump_yaml
+from mfrecipes.train.checkpoint import atomic_write_text
+
+RESOLVED = "recipe.resolved.yaml"
+
+
+def git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment(world_size: int = 1, device: str = "cpu") -> dict:
+    import torch
+
+    env = {
+        "mfrecipes": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": device,
+        "world_size": world_size,
+        "git_commit": git_commit(),
+        "argv": sys.argv,
+    }
+    for mod in ("timm", "webdataset", "deepspeed"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            env[mod] = getattr(m, "__version__", "?")
+    return env
+
+
+def write_run_records(run_dir: str, resolved: dict, *, world_size: int, device: str) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write_text(os.path.join(run_dir, RESOLVED), dump_yaml(resolved))
+    atomic_write_text(os.path.join(run_dir, "plugins.json"), json.dumps({
+        "entry_points": [p.as_dict() for p in plugins.all_plugins()],
+        "imports": plugins.imported_modules(),
+    }, indent=1))
+    atomic_write_text(os.path.join(run_dir, "env.json"),
+                      json.dumps(environment(world_size, device), indent=1))

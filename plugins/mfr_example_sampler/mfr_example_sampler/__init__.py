@@ -1,0 +1,1 @@
+"""Example mfrecipes plugin package (the components live in ``sampler``)."""
