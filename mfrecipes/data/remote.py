@@ -4,39 +4,74 @@ WebDataset 1.0 has no fsspec integration (its ``gopen`` table knows pipes, curl 
 we register one fsspec handler for the object-store schemes in ``webdataset.gopen.gopen_schemes``.
 Both our reader and any plain ``wds.WebDataset`` then open ``s3://bucket/prefix/shard.tar``.
 
-Credentials come from the standard environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``...), the
-endpoint from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` or from a recipe's
-``storage_options`` (fsspec's keyword arguments, e.g. ``{"client_kwargs": {"endpoint_url": ...}}``).
-Nothing here prints an option value without passing it through ``redact``. s3fs and the other
-backends are imported by fsspec only when such a URL is opened.
+Credentials come from the standard environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_SESSION_TOKEN``, ``AWS_PROFILE``...), the endpoint from ``AWS_ENDPOINT_URL_S3`` /
+``AWS_ENDPOINT_URL`` and the region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``; a recipe's
+``data.params.storage_options`` (fsspec's keyword arguments, e.g. ``{"client_kwargs":
+{"endpoint_url": ...}}``, ``key``/``secret``) overrides them. Nothing here prints an option value
+without passing it through ``redact``, and ``redact_recipe`` is what a run directory records.
+
+Object stores fail transiently (a dropped connection, a 503, a server restarting). ``Retry``
+retries such errors with exponential backoff until its time budget is spent, and a shard opened
+through fsspec is a ``ResumableFile``: a read that fails mid-shard reopens the object and
+continues at the same byte offset, so a restart costs time, not samples. Errors that retrying
+cannot fix (missing object or bucket, denied access, bad credentials) propagate at once.
 """
 from __future__ import annotations
 
 import copy
+import errno
 import importlib
+import io
 import logging
 import os
 import time
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO, Callable, Mapping, Optional, TypeVar
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+import attrs
+
+from mfrecipes.errors import DataError
+
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Schemes routed through fsspec (the backend package must be installed: s3fs, gcsfs, adlfs...).
 FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory", "hdfs")
 
 _SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session", "sas")
+REDACTED = "***"
+
+
+def is_secret_key(name: Any) -> bool:
+    """Whether an option name looks like it holds a secret (``key``, ``secret``, ``token``...)."""
+    return any(w in str(name).lower() for w in _SECRET_WORDS)
 
 
 def redact(options: Any) -> Any:
     """A copy of ``options`` safe to print: values under secret-looking keys become ``***``."""
     if isinstance(options, Mapping):
-        return {k: ("***" if any(w in str(k).lower() for w in _SECRET_WORDS) and v is not None
-                    else redact(v)) for k, v in options.items()}
+        return {k: (REDACTED if is_secret_key(k) and v is not None else redact(v))
+                for k, v in options.items()}
     if isinstance(options, (list, tuple)):
         return type(options)(redact(v) for v in options)
     return options
+
+
+def redact_recipe(resolved: Mapping) -> dict:
+    """A copy of a resolved recipe mapping with ``data.params.storage_options`` redacted.
+
+    This is what a run directory records (``recipe.resolved.yaml``): credentials given in the
+    recipe never reach the disk. Everything else is returned unchanged (deep-copied).
+    """
+    out = copy.deepcopy(dict(resolved))
+    params = (out.get("data") or {}).get("params") if isinstance(out.get("data"), Mapping) \
+        else None
+    if isinstance(params, Mapping) and params.get("storage_options") is not None:
+        params["storage_options"] = redact(params["storage_options"])
+    return out
 
 
 def scheme(url: str) -> str:
@@ -56,7 +91,10 @@ def local_path(url: str) -> str | None:
 
 
 def env_storage_options(protocol: str) -> dict:
-    """Storage options implied by the standard environment (the S3 endpoint only)."""
+    """Storage options implied by the standard environment (the S3 endpoint only).
+
+    botocore reads the credentials and the region from the environment itself.
+    """
     if protocol in ("s3", "s3a"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
@@ -75,13 +113,90 @@ def merged_storage_options(protocol: str, options: Mapping | None) -> dict:
     return out
 
 
+# -- transient errors ----------------------------------------------------------------------------
+class ObjectChanged(OSError):
+    """A remote object was rewritten while being read; retrying cannot help."""
+
+
+_PERMANENT_OS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                 FileExistsError, ObjectChanged)
+# OSError numbers s3fs gives to requests that will fail the same way again (400-class answers).
+_PERMANENT_ERRNO = {errno.EINVAL, errno.ENAMETOOLONG, errno.ENOSYS, errno.EMSGSIZE, errno.EPERM,
+                    errno.ENOTEMPTY}
+# botocore/aiobotocore exception classes that mean "the connection failed, try again".
+_TRANSIENT_BOTO = {"ConnectionError", "HTTPClientError", "EndpointConnectionError",
+                   "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+                   "ResponseStreamingError", "IncompleteReadError", "ProxyConnectionError"}
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether retrying might help: dropped connections, timeouts, 5xx answers, stale handles."""
+    if isinstance(err, _PERMANENT_OS):
+        return False
+    if isinstance(err, (TimeoutError, ConnectionError)):
+        return True
+    if isinstance(err, OSError):
+        return err.errno not in _PERMANENT_ERRNO
+    for cls in type(err).__mro__:
+        top = cls.__module__.split(".", 1)[0]
+        if top in ("botocore", "aiobotocore") and cls.__name__ in _TRANSIENT_BOTO:
+            return True
+        if top in ("aiohttp", "urllib3", "http") and cls.__name__ in (
+                "ClientError", "HTTPError", "HTTPException"):
+            return True
+    return False
+
+
+@attrs.frozen
+class Retry:
+    """Retry transient errors with exponential backoff until ``timeout_s`` has passed.
+
+    Waits ``backoff_s``, then twice as long each time, at most ``max_backoff_s``; the budget
+    counts from the first failure, so an outage shorter than ``timeout_s`` is survived however
+    many attempts it takes.
+    """
+
+    timeout_s: float = attrs.field(default=120.0, validator=attrs.validators.ge(0))
+    backoff_s: float = attrs.field(default=0.5, validator=attrs.validators.gt(0))
+    max_backoff_s: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+
+    def call(self, fn: Callable[[], T], what: str, *,
+             on_retry: Optional[Callable[[], None]] = None) -> T:
+        """``fn()``, retried on transient errors; the last one propagates past the budget."""
+        first = None
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except Exception as err:
+                now = time.monotonic()
+                first = now if first is None else first
+                if not is_transient(err) or now - first >= self.timeout_s:
+                    raise
+                delay = min(self.backoff_s * 2 ** attempt, self.max_backoff_s,
+                            max(self.timeout_s - (now - first), 0.0))
+                attempt += 1
+                log.warning("%s failed (%s: %s); retry %d in %.1f s (gives up %.0f s after "
+                            "the first failure)", what, type(err).__name__, err, attempt, delay,
+                            self.timeout_s)
+                time.sleep(delay)
+                if on_retry is not None:
+                    on_retry()
+
+
+def unreachable(url: str, err: BaseException, retry: Retry) -> DataError:
+    return DataError(f"still failing after retrying for {retry.timeout_s:.0f} s: "
+                     f"{type(err).__name__}: {err}; check the endpoint and the network, or "
+                     f"raise data.params.retry_timeout_s", path=url)
+
+
+# -- opening ------------------------------------------------------------------------------------
 def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, *,
                  storage_options: Mapping | None = None, **_: Any) -> BinaryIO:
     """``webdataset.gopen`` handler: open ``url`` through fsspec (s3fs for ``s3://``...)."""
     import fsspec
 
-    protocol = scheme(url)
-    opts = merged_storage_options(protocol, storage_options)
+    opts = merged_storage_options(scheme(url), storage_options)
     return fsspec.open(url, mode, **opts).open()
 
 
@@ -102,25 +217,116 @@ def known_schemes() -> list[str]:
     return sorted(["file", *(k for k in table if not k.startswith("__"))])
 
 
-def open_url(url: str, *, storage_options: Mapping | None = None, retries: int = 3,
-             backoff_s: float = 1.0) -> BinaryIO:
-    """Open a shard or manifest for reading; retry transient errors with exponential backoff.
+class ResumableFile(io.RawIOBase):
+    """A read-only fsspec file that survives transient errors by reopening at its offset.
 
-    ``FileNotFoundError`` and ``PermissionError`` are not transient and propagate at once; an
-    unknown scheme raises ``ValueError`` (from WebDataset's gopen).
+    If the object changes size between two opens (it was rewritten), reading fails with an
+    ``OSError`` that is not retried: the caller skips the shard and counts it.
     """
-    gopen = _gopen_module().gopen
-    register_fsspec_handlers()
-    kw = {"storage_options": storage_options} if scheme(url) in FSSPEC_SCHEMES else {}
-    for attempt in range(retries + 1):
+
+    def __init__(self, url: str, storage_options: Mapping | None, retry: Retry):
+        super().__init__()
+        self.url, self._opts, self._retry = url, storage_options, retry
+        self._pos = 0
+        self._f = retry.call(self._open_raw, f"opening {url}")
+        self._size = getattr(self._f, "size", None)
+
+    def _open_raw(self):
+        return gopen_fsspec(self.url, "rb", storage_options=self._opts)
+
+    def _reopen(self) -> None:
         try:
-            return gopen(url, "rb", **kw)
-        except (FileNotFoundError, PermissionError, IsADirectoryError):
-            raise
-        except (OSError, TimeoutError, ConnectionError) as err:
-            if attempt == retries:
+            self._f.close()
+        except Exception:  # the old handle is already broken
+            pass
+        f = self._open_raw()
+        size = getattr(f, "size", None)
+        if self._size is not None and size is not None and size != self._size:
+            f.close()
+            raise ObjectChanged(f"{self.url} changed size while being read ({self._size} -> "
+                                f"{size} bytes)")
+        f.seek(self._pos)
+        self._f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        broken = False
+
+        def attempt() -> bytes:
+            nonlocal broken
+            if broken:
+                self._reopen()
+            try:
+                return self._f.read(n)
+            except Exception:
+                broken = True
                 raise
-            log.warning("opening %s failed (%s: %s); retry %d of %d", url, type(err).__name__,
-                        err, attempt + 1, retries)
-            time.sleep(backoff_s * 2 ** attempt)
-    raise AssertionError("unreachable")
+
+        try:
+            data = self._retry.call(attempt, f"reading {self.url} at byte {self._pos}")
+        except Exception as err:
+            if is_transient(err):
+                raise unreachable(self.url, err, self._retry) from err
+            raise
+        self._pos += len(data)
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._f.close()
+            finally:
+                super().close()
+
+
+def open_url(url: str, *, storage_options: Mapping | None = None,
+             retry: Retry = Retry()) -> BinaryIO:
+    """Open a shard or manifest for reading, retrying transient errors (see ``Retry``).
+
+    fsspec URLs give a ``ResumableFile``. ``FileNotFoundError`` and ``PermissionError`` propagate
+    at once; an unknown scheme raises ``ValueError`` (from WebDataset's gopen); a transient error
+    that outlasts the retry budget becomes a ``DataError`` naming the URL.
+    """
+    register_fsspec_handlers()
+    if scheme(url) in FSSPEC_SCHEMES:
+        try:
+            return ResumableFile(url, storage_options, retry)
+        except Exception as err:
+            if is_transient(err):
+                raise unreachable(url, err, retry) from err
+            raise
+    gopen = _gopen_module().gopen
+    try:
+        return retry.call(lambda: gopen(url, "rb"), f"opening {url}")
+    except Exception as err:
+        if is_transient(err):
+            raise unreachable(url, err, retry) from err
+        raise
+
+
+def missing_message(url: str, storage_options: Mapping | None) -> str:
+    """Why ``url`` was not found: its bucket is missing, or only the object is."""
+    pr = urlparse(url)
+    if pr.scheme not in FSSPEC_SCHEMES or not pr.netloc:
+        return "not found"
+    try:
+        import fsspec
+
+        fs = fsspec.filesystem(pr.scheme, **merged_storage_options(pr.scheme, storage_options))
+        bucket_there = fs.exists(pr.netloc)
+    except Exception:  # cannot tell: say what is certain
+        return "not found"
+    if not bucket_there:
+        return (f"bucket {pr.netloc!r} does not exist (or is not visible with these "
+                f"credentials)")
+    return f"not found (bucket {pr.netloc!r} exists; check the key prefix and the pattern)"

@@ -33,10 +33,25 @@ def check_recipe(recipe: Recipe) -> dict[str, Any]:
     (sampler, weighting, schedule, objective) are built, and the backbone is built on the meta
     device, so parameter validators run too. Returns the built light components.
     """
-    import torch
-
     load_imports(recipe)
     registry.ensure_builtins()
+    parts = _check_single(recipe)
+    plan = stage_plan(recipe)
+    if len(plan) > 1:
+        for i, stage in enumerate(plan):
+            try:
+                _check_single(stage.recipe)
+            except RecipeError as err:
+                raise RecipeError(err.message, path=f"stages[{i}] ({stage.name}): {err.path}"
+                                  ) from err
+    if recipe.init_from is not None:
+        find_init_weights(recipe.init_from.path)  # exists and readable, before any heavy work
+    return parts
+
+
+def _check_single(recipe: Recipe) -> dict[str, Any]:
+    import torch
+
     for section in COMPONENT_SECTIONS:
         block = getattr(recipe, section).as_dict()
         registry_for(section).check_params(block, where=section)
@@ -97,3 +112,76 @@ def describe(component: Any) -> str:
     if attrs.has(type(component)):
         return repr(component)
     return type(component).__name__
+
+
+# Keys a stage may not override: they define the run itself, or the weights carried across stages.
+_STAGE_FIXED = ("run", "stages", "init_from", "backbone", "engine", "deepspeed", "data",
+                "imports", "train.total_images", "train.ema_decays", "train.global_batch_size",
+                "train.micro_batch_size")
+
+
+@attrs.frozen
+class Stage:
+    name: str
+    start: int          # images seen when the stage begins
+    end: int            # images seen when it ends
+    recipe: Recipe      # the recipe with the stage's overrides applied
+
+
+def stage_plan(recipe: Recipe) -> list[Stage]:
+    """The stages of a run in image order; a recipe without ``stages`` is one stage."""
+    from mfrecipes.recipe.load import apply_overrides
+
+    total = recipe.train.total_images
+    if not recipe.stages:
+        return [Stage("main", 0, total, recipe)]
+    budget = sum(s.images for s in recipe.stages)
+    if budget != total:
+        raise RecipeError(f"the stages' images add up to {budget}, but train.total_images is "
+                          f"{total}; make them equal", path="stages")
+    base = recipe.to_dict()
+    plan, start = [], 0
+    for i, st in enumerate(recipe.stages):
+        where = f"stages[{i}].overrides"
+        for key in st.overrides:
+            if any(key == f or key.startswith(f + ".") for f in _STAGE_FIXED):
+                raise RecipeError(f"a stage cannot override {key!r} (fixed for the whole run: "
+                                  f"{', '.join(_STAGE_FIXED)})", path=f"{where}.{key}")
+        texts = [f"{k}={_yaml_value(v)}" for k, v in st.overrides.items()]
+        try:
+            stage_recipe = Recipe.from_dict(apply_overrides(base, texts))
+        except RecipeError as err:
+            raise RecipeError(err.message, path=f"{where}: {err.path}" if err.path else where
+                              ) from err
+        plan.append(Stage(st.name, start, start + st.images, stage_recipe))
+        start += st.images
+    names = [s.name for s in plan]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"stage names must be unique, got {names}", path="stages")
+    return plan
+
+
+def _yaml_value(v: Any) -> str:
+    import json
+
+    return json.dumps(v)  # JSON is YAML: lists, numbers, strings and nulls round-trip
+
+
+def find_init_weights(path: str) -> str:
+    """The weights file behind ``init_from.path``: a run directory, a checkpoint folder or a file."""
+    import os
+
+    from mfrecipes.errors import CheckpointError
+    from mfrecipes.train import checkpoint as ckpt
+
+    where = "init_from.path"
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        return path
+    if os.path.isfile(os.path.join(path, ckpt.WEIGHTS)):
+        return os.path.join(path, ckpt.WEIGHTS)
+    latest = ckpt.latest_checkpoint(os.path.join(path, "checkpoints"))
+    if latest is not None:
+        return os.path.join(latest, ckpt.WEIGHTS)
+    raise CheckpointError(f"no weights at {path!r}: expected a run directory with checkpoints/, a "
+                          f"checkpoint folder holding {ckpt.WEIGHTS}, or a .safetensors file",
+                          path=where)

@@ -122,6 +122,24 @@ class ComponentCfg:
 
 
 @attrs.frozen(kw_only=True)
+class StageCfg:
+    """One stage of a multi-stage run: its image budget and the overrides it applies."""
+
+    name: str
+    images: int = attrs.field(validator=_positive)
+    overrides: dict = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class InitFromCfg:
+    """Initialise the backbone (and its EMAs) from another run's weights."""
+
+    path: str                                     # run directory, checkpoint folder or .safetensors
+    weights: Literal["ema", "raw"] = "ema"
+    ema: Optional[str] = None                     # which EMA (e.g. "ema_0.9999"); default: first
+
+
+@attrs.frozen(kw_only=True)
 class Recipe:
     run: RunCfg = attrs.field(factory=RunCfg)
     imports: tuple[str, ...] = ()
@@ -136,6 +154,8 @@ class Recipe:
     engine: Literal["single", "deepspeed"] = "single"
     deepspeed: DeepSpeedCfg = attrs.field(factory=DeepSpeedCfg)
     eval: EvalCfg = attrs.field(factory=EvalCfg)
+    init_from: Optional[InitFromCfg] = None
+    stages: tuple[StageCfg, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Any) -> "Recipe":

@@ -27,6 +27,12 @@ class SingleEngine:
         self.optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                            weight_decay=cfg.weight_decay)
 
+    def configure(self, cfg: TrainCfg) -> None:
+        """Apply a stage's optimiser settings (lr, betas, weight decay, clipping) in place."""
+        self.cfg = cfg
+        for group in self.optimizer.param_groups:
+            group.update(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
     @property
     def is_main(self) -> bool:
         return True

@@ -2,10 +2,11 @@
 
 batch -> (t, r) -> objective -> weights -> backward -> step -> EMA -> log / checkpoint / evaluate.
 
-Progress is counted in images seen; ``progress = images / total_images`` in [0, 1] is what the
-components see. Everything random comes from two places whose states are checkpointed: a CPU
-``torch.Generator`` for (t, r) and noise, and torch's global RNG (class dropout inside objectives),
-so a resumed run reproduces an uninterrupted one bit for bit on the CPU.
+Progress is counted in images seen; ``progress`` in [0, 1] is what the components see: images /
+total images, or, in a multi-stage recipe, the fraction of the current stage's images.
+Everything random comes from two places whose states are checkpointed: a CPU ``torch.Generator``
+for (t, r) and noise, and torch's global RNG (class dropout inside objectives), so a resumed run
+reproduces an uninterrupted one bit for bit on the CPU.
 """
 from __future__ import annotations
 
@@ -57,11 +58,6 @@ class Trainer:
         self.dataset = rbuild.build_dataset(recipe, rank=rank, world_size=world)
         self.info = self.dataset.info
         net = rbuild.build_backbone(recipe, self.info).to(self.device)
-        parts = rbuild.build_light(recipe, num_classes=self.info.num_classes, device=self.device)
-        self.objective = parts["objective"]
-        self.sampler = parts["timestep_sampler"]
-        self.loss_weighting = parts["loss_weighting"]
-        self.gap_schedule = parts["gap_schedule"]
         if engine_cls is None:
             from mfrecipes.train.engine import SingleEngine
             self.engine = SingleEngine(net, cfg, self.device)
@@ -74,11 +70,61 @@ class Trainer:
         self.step = 0
         self.nonfinite = 0
         self.data_position = 0  # samples this rank has consumed
+        self.plan = rbuild.stage_plan(recipe)
+        self.stage_idx = -1
+        self._enter_stage(0)
+
+    # -- stages ---------------------------------------------------------------------------------
+    def _stage_at(self, images: int) -> int:
+        for i, st in enumerate(self.plan):
+            if images < st.end:
+                return i
+        return len(self.plan) - 1
+
+    def _enter_stage(self, idx: int) -> None:
+        """Build the stage's light components and apply its optimiser settings.
+
+        Weights, optimiser moments and EMAs carry over; samplers, weightings, schedules and the
+        objective start afresh, and ``progress`` counts within the stage.
+        """
+        st = self.plan[idx]
+        parts = rbuild.build_light(st.recipe, num_classes=self.info.num_classes,
+                                   device=self.device)
+        self.objective = parts["objective"]
+        self.sampler = parts["timestep_sampler"]
+        self.loss_weighting = parts["loss_weighting"]
+        self.gap_schedule = parts["gap_schedule"]
+        self.engine.configure(st.recipe.train)
+        self.stage_idx = idx
+        self.stage = st
+
+    def progress(self) -> float:
+        st = self.stage
+        return min(max((self.images - st.start) / (st.end - st.start), 0.0), 1.0)
+
+    def init_weights(self) -> str:
+        """Load ``init_from`` weights into the network and every EMA."""
+        init = self.recipe.init_from
+        path = rbuild.find_init_weights(init.path)
+        groups = ckpt.load_weights(path)
+        key = "net" if init.weights == "raw" else (init.ema or next(
+            (k for k in groups if k.startswith("ema_")), None))
+        if key not in groups:
+            raise CheckpointError(f"{path} has no weights {key!r}; it holds "
+                                  f"{', '.join(sorted(groups))}", path="init_from")
+        try:
+            self.net.load_state_dict(groups[key])
+        except RuntimeError as err:
+            raise CheckpointError(f"init_from weights {path} ({key}) do not fit this recipe's "
+                                  f"backbone: {err}", path="init_from") from err
+        self.ema.load_state_dicts({k: groups[key] for k in self.ema.shadows})
+        return f"{path} ({key})"
 
     # -- state ----------------------------------------------------------------------------------
     def train_state(self) -> dict[str, Any]:
         state = {
             "images": self.images, "step": self.step, "nonfinite": self.nonfinite,
+            "stage": self.stage_idx,
             "data_position": self.data_position,
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -119,6 +165,8 @@ class Trainer:
                                   f"{err}") from err
         self.engine.load_state_dict(state["engine"])
         self.images, self.step = state["images"], state["step"]
+        # Component states belong to the stage that was running when the checkpoint was written.
+        self._enter_stage(state.get("stage", 0))
         self.nonfinite, self.data_position = state["nonfinite"], state["data_position"]
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -169,8 +217,13 @@ class Trainer:
         resumed = self.resume()
         if resumed and is_main:
             truncate_metrics(self.run_dir, self.images)
+        init_note = None
+        if not resumed and self.recipe.init_from is not None:
+            init_note = self.init_weights()
         logger = RunLogger(self.run_dir, cfg.total_images, self.images, enabled=is_main,
                            progress_bar=cfg.progress_bar)
+        if init_note:
+            logger.info(f"initialised from {init_note}")
         if resumed:
             logger.info(f"resumed from {self.images} images (step {self.step})")
         else:
@@ -191,6 +244,12 @@ class Trainer:
         result: dict[str, Any] = {}
         try:
             while self.images < cfg.total_images:
+                if self._stage_at(self.images) != self.stage_idx:
+                    self._enter_stage(self._stage_at(self.images))
+                    logger.log({"images": self.images, "step": self.step,
+                                "stage": self.stage.name}, echo=False)
+                    logger.info(f"stage {self.stage.name}: images {self.stage.start}-"
+                                f"{self.stage.end}")
                 loss_value, diag, grad_norm = self._train_step(batches, mb, accum)
                 before = self.images
                 self.images += cfg.global_batch_size
@@ -221,7 +280,7 @@ class Trainer:
         return {"images": self.images, "step": self.step, "nonfinite": self.nonfinite, **result}
 
     def _train_step(self, batches, mb: int, accum: int) -> tuple[float, dict, float]:
-        progress = self.images / self.recipe.train.total_images
+        progress = self.progress()
         total = 0.0
         diag: dict[str, float] = {}
         for _ in range(accum):
@@ -250,12 +309,12 @@ class Trainer:
             self.nonfinite += 1
             if self.engine.is_main:
                 print(f"warning: non-finite loss/gradient at {self.images} images "
-                      f"({self.nonfinite}/{self.recipe.train.max_nonfinite} allowed); "
+                      f"({self.nonfinite}/{self.stage.recipe.train.max_nonfinite} allowed); "
                       f"update skipped", flush=True)
-            if self.nonfinite > self.recipe.train.max_nonfinite:
+            if self.nonfinite > self.stage.recipe.train.max_nonfinite:
                 raise TrainingError(
                     f"{self.nonfinite} non-finite losses by {self.images} images (limit "
-                    f"train.max_nonfinite={self.recipe.train.max_nonfinite}); the last good "
+                    f"train.max_nonfinite={self.stage.recipe.train.max_nonfinite}); the last good "
                     f"checkpoint in {self.run_dir}/checkpoints is intact. Lower train.lr, set "
                     f"train.grad_clip, or check the data")
             return total, diag, grad_norm
