@@ -118,7 +118,8 @@ def test_discrete_target_matches_slow_formula(net, stage, q, dagger):
     assert torch.equal(out.is_average, t != r)
     assert out.diagnostics["stage"] == stage
     d_ref = torch.tensor([0.0 if a == b else a - dagger_back(a, b, stage, q) if dagger
-                          else (a - b) / q ** stage for a, b in zip(t.tolist(), r.tolist())], dtype=DT)
+                          else (a - b) / q ** stage for a, b in zip(t.tolist(), r.tolist())],
+                         dtype=DT)
     assert math.isclose(out.diagnostics["dmf_D"], float(d_ref[t != r].mean()), rel_tol=1e-6)
 
 

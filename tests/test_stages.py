@@ -122,8 +122,10 @@ def test_init_from_loads_ema_weights(tmp_path):
 
 def test_init_from_errors(tmp_path):
     recipe, _ = load(tmp_path, SINGLE + f"init_from: {{path: {tmp_path / 'nowhere'}}}\n")
-    with pytest.raises(CheckpointError, match="no weights at") as info:
+    with pytest.warns(UserWarning, match="no weights at"):
         check_recipe(recipe)
+    with pytest.raises(CheckpointError, match="no weights at") as info:
+        check_recipe(recipe, for_run=True)
     assert info.value.path == "init_from.path"
     recipe, data = load(tmp_path, SINGLE)
     Trainer(recipe, data, str(tmp_path / "src")).run()

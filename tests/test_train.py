@@ -146,3 +146,29 @@ def test_checkpoint_writes_are_atomic(tmp_path):
     assert ckpt.latest_checkpoint(root).endswith("img-000000000040")
     assert not os.path.exists(os.path.join(root, ".tmp-img-000000000020-999999"))
     assert not os.path.exists(os.path.join(root, "img-000000000010"))
+
+
+def test_cli_run_resumes_run_directory_and_refuses_other_recipe(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    path = tmp_path / "r.yaml"
+    path.write_text(TOY.replace("total_images: 1280", "total_images: 256"))
+    out = tmp_path / "run"
+    env = dict(os.environ, MFR_CACHE_DIR=str(tmp_path / "cache"))
+    cli = [sys.executable, "-m", "mfrecipes.cli"]
+    first = subprocess.run(cli + ["run", str(path), "--out", str(out)], capture_output=True,
+                           text=True, cwd=REPO, env=env)
+    assert first.returncode == 0, first.stderr
+    # Resume the finished run with a larger budget, through the run directory itself.
+    again = subprocess.run(cli + ["run", str(out), "train.total_images=512"], capture_output=True,
+                           text=True, cwd=REPO, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from 256 images" in again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["images"] == 512
+    other = subprocess.run(cli + ["run", str(path), "train.lr=0.5", "--out", str(out)],
+                           capture_output=True, text=True, cwd=REPO, env=env)
+    assert other.returncode == 2 and "holds a different recipe" in other.stderr
+    assert ckpt.latest_checkpoint(str(out / "checkpoints")).endswith("000000000512")

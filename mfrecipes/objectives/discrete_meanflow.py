@@ -62,7 +62,7 @@ __all__ = ["DiscreteMeanFlow", "back_time"]
 def back_time(t: torch.Tensor, r: torch.Tensor, i: int, q: float, *, dagger: bool = False,
               eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """``(D, h_back)``, each ``[B]``: the stage-i step back from t and the gap ``(t - D) - r``
-    left at the earlier point. ``0 < D <= t - r`` wherever ``r < t``; ``i = 0`` gives D = t - r.
+    left at the earlier point. ``0 <= D <= t - r``; ``i = 0`` gives exactly D = t - r.
     """
     h = t - r
     if i == 0:
@@ -87,7 +87,7 @@ class DiscreteMeanFlow:
     Parameters
     ----------
     K: number of stages with equal budgets (>= 2): stage 0 flow matching, 1 .. K - 2 discrete,
-        K - 1 continuous MeanFlow. The stage follows ``progress``: ``min(floor(progress K), K - 1)``.
+        K - 1 continuous MeanFlow. The stage follows progress: ``min(floor(progress K), K - 1)``.
     q: gap shrink factor per stage (> 1): ``D_i = (t - r) / q^i``.
     dagger: shrink the gap in ``Phi(t) = t / (1 - t)`` (DMF-dagger) instead of in t.
     eps: dagger only: Phi is evaluated at ``min(t, 1 - eps)`` (Phi(1) is infinite).

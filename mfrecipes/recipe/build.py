@@ -26,12 +26,15 @@ def registry_for(section: str) -> registry.Registry:
     return registry.ALL_REGISTRIES[COMPONENT_SECTIONS[section]]
 
 
-def check_recipe(recipe: Recipe) -> dict[str, Any]:
+def check_recipe(recipe: Recipe, *, for_run: bool = False) -> dict[str, Any]:
     """Everything checkable without data or accelerators (``mfr check``).
 
     Component names and params are checked against their registries; the light components
     (sampler, weighting, schedule, objective) are built, and the backbone is built on the meta
     device, so parameter validators run too. Returns the built light components.
+
+    ``init_from`` may name a run that an earlier recipe has yet to produce: that is a warning for
+    a plain check and an error when ``for_run`` (training is about to start).
     """
     load_imports(recipe)
     registry.ensure_builtins()
@@ -45,7 +48,16 @@ def check_recipe(recipe: Recipe) -> dict[str, Any]:
                 raise RecipeError(err.message, path=f"stages[{i}] ({stage.name}): {err.path}"
                                   ) from err
     if recipe.init_from is not None:
-        find_init_weights(recipe.init_from.path)  # exists and readable, before any heavy work
+        from mfrecipes.errors import CheckpointError
+
+        try:
+            find_init_weights(recipe.init_from.path)
+        except CheckpointError as err:
+            if for_run:
+                raise
+            import warnings
+
+            warnings.warn(f"{err} (it must exist when training starts)", stacklevel=2)
     return parts
 
 
