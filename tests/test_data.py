@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import ids, take, write_wds_shards
+from data_fixtures import (ids, latent_ids_and_noise, take, write_latent_shards,
+                           write_wds_shards)
 from mfrecipes.data.cache import CacheRebuildWarning, ensure_cached
 from mfrecipes.data.npy import NpyDecoder, encode_npy
 from mfrecipes.data.shards import Shards
@@ -369,3 +370,65 @@ def test_reference(tmp_path):
     assert r.shape == (20, 2) and len(set(ids(r))) == 20
     assert torch.equal(r, sh.reference(20, seed=4))
     assert sh.reference(10 * N, seed=0).shape == (N, 2)
+
+
+# -- latents: mean + std * n, scaled ------------------------------------------------------------
+def latent_pattern(folder) -> str:
+    return str(folder / "shard-{000000..000005}.tar")
+
+
+def test_latents_are_scaled_posterior_samples_with_standard_normal_noise(tmp_path):
+    write_latent_shards(tmp_path, N, PER)
+    ds = Shards(urls=latent_pattern(tmp_path), seed=2, shuffle_buffer=4)
+    assert ds.info.modality == "latent" and ds.info.sample_shape == (2, 3, 3)
+    assert ds.info.latent_scale == 0.5 and ds.info.vae == "some/vae"
+    stream = ds.batches(N)
+    x1, y1 = next(stream)
+    x2, _ = next(stream)
+    id1, n1 = latent_ids_and_noise(x1)
+    id2, n2 = latent_ids_and_noise(x2)
+    assert sorted(id1) == sorted(id2) == list(range(N)) and y1.tolist() == [i % 10 for i in id1]
+    noise = n1.flatten()[n1.flatten() != 0]  # 53 * 17 draws
+    assert abs(float(noise.mean())) < 0.15 and abs(float(noise.std()) - 1) < 0.1
+    # The same sample in the next epoch gets a new draw.
+    by_id = {i: n for i, n in zip(id2, n2)}
+    assert all(not torch.allclose(n, by_id[i]) for i, n in zip(id1, n1))
+
+
+@pytest.mark.parametrize("kw", [{}, {"rank": 1, "world_size": 2}, {"resampled": True}])
+def test_latent_noise_is_exact_on_resume(tmp_path, kw):
+    write_latent_shards(tmp_path, N, PER)
+    make = lambda: Shards(urls=latent_pattern(tmp_path), seed=9, shuffle_buffer=5, **kw)  # noqa
+    full = torch.cat([x for x, _ in zip((b[0] for b in make().batches(1)), range(N + 30))])
+    resumed = torch.cat([x for x, _ in zip((b[0] for b in make().batches(5, start=N - 7)),
+                                           range(7))])
+    assert torch.equal(resumed, full[N - 7:N + 28])
+    other = next(Shards(urls=latent_pattern(tmp_path), seed=10, **kw).batches(N))[0]
+    assert not torch.equal(other, full[:N])
+
+
+def test_latents_without_a_manifest_need_layout_and_scale(tmp_path):
+    write_latent_shards(tmp_path, 12, 6, manifest=False)
+    urls = str(tmp_path / "shard-{000000..000001}.tar")
+    ds = Shards(urls=urls, key="latent.npy", layout="mean_std", latent_scale=0.5,
+                num_classes=10)
+    assert ds.info.sample_shape == (2, 3, 3)
+    ids_, _ = latent_ids_and_noise(next(ds.batches(12))[0])
+    assert sorted(ids_) == list(range(12))
+    with pytest.raises(DataError, match="latent_scale"):
+        Shards(urls=urls, key="latent.npy", layout="mean_std")
+    with pytest.raises(DataError, match="mean_std, sample|sample, mean_std"):
+        Shards(urls=urls, key="latent.npy", layout="posterior")
+    # Read as plain samples, a [2, C, H, W] array is the sample itself, scaled.
+    plain = Shards(urls=urls, key="latent.npy", layout="sample", latent_scale=0.5)
+    assert plain.info.sample_shape == (2, 2, 3, 3)
+
+
+def test_shards_static_info_only_when_the_recipe_says_it_all():
+    assert Shards.static_info(urls="x") is None
+    assert Shards.static_info(urls="x", sample_shape=[4, 32, 32]) is None  # classes unknown
+    info = Shards.static_info(urls="x", sample_shape=[4, 32, 32], num_classes=1000,
+                              key="latent.npy", latent_scale=0.18215)
+    assert info.modality == "latent" and info.sample_shape == (4, 32, 32)
+    assert info.num_classes == 1000
+    assert Shards.static_info(urls="x", sample_shape=[2], conditional=False).modality == "points"

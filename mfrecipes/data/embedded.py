@@ -29,6 +29,35 @@ DIGITS_RESOLUTIONS = (8, 16, 32)
 _REFERENCE = 0x5A4D10  # domain tag: reference draws never reuse the training pool's generator
 
 
+def toy2d_name(kind: str, num_points: int, data_seed: int) -> str:
+    return f"toy2d-{kind}-n{num_points}-s{data_seed}"
+
+
+def build_toy2d(directory: str, kind: str, num_points: int, data_seed: int,
+                num_shards: int = 8) -> Manifest:
+    """Write the toy's fixed pool (``num_points`` points drawn with ``data_seed``) as shards."""
+    _valid_kind(None, None, kind)
+    name = toy2d_name(kind, num_points, data_seed)
+    g = torch.Generator().manual_seed(data_seed)
+    pool = sample_toy(kind, num_points, g).numpy()  # [N, 2]
+    return write_shards(directory, ((p, None) for p in pool), name=name,
+                        samples_per_shard=math.ceil(num_points / num_shards), modality="points",
+                        sample_shape=(2,), params={"kind": kind, "num_points": num_points,
+                                                   "data_seed": data_seed})
+
+
+def build_digits(directory: str, resolution: int = 8, num_shards: int = 4) -> Manifest:
+    """Write scikit-learn's 1,797 digits at ``resolution`` (``[1, R, R]`` in [-1, 1]) as shards."""
+    from mfrecipes.data.digits import load_digits_tensors
+
+    Digits._check_resolution(None, None, resolution)
+    x, y = load_digits_tensors(resolution)  # [N, 1, R, R] in [-1, 1], [N]
+    return write_shards(directory, zip(x.numpy(), y.tolist()), name=f"digits-r{resolution}",
+                        samples_per_shard=math.ceil(NUM_DIGITS / num_shards), modality="image",
+                        sample_shape=(1, resolution, resolution), num_classes=10,
+                        params={"resolution": resolution})
+
+
 class _Embedded:
     """Shared part of the embedded sets: a cached shard folder read by a ``Shards`` reader."""
 
@@ -91,17 +120,11 @@ class Toy2D(_Embedded):
         return DataInfo(name=f"toy2d/{kind}", modality="points", sample_shape=(2,))
 
     def __attrs_post_init__(self):
-        name = f"toy2d-{self.kind}-n{self.num_points}-s{self.data_seed}"
+        name = toy2d_name(self.kind, self.num_points, self.data_seed)
         per_shard = math.ceil(self.num_points / self.NUM_SHARDS)
 
         def build(tmp: str) -> Manifest:
-            g = torch.Generator().manual_seed(self.data_seed)
-            pool = sample_toy(self.kind, self.num_points, g).numpy()  # [N, 2]
-            return write_shards(tmp, ((p, None) for p in pool), name=name,
-                                samples_per_shard=per_shard, modality="points",
-                                sample_shape=(2,), params={"kind": self.kind,
-                                                           "num_points": self.num_points,
-                                                           "data_seed": self.data_seed})
+            return build_toy2d(tmp, self.kind, self.num_points, self.data_seed, self.NUM_SHARDS)
 
         self._open_reader(name, build, self.num_points, per_shard, conditional=False)
         object.__setattr__(self, "_info", attrs.evolve(self._reader.info,
@@ -146,20 +169,14 @@ class Digits(_Embedded):
                         num_classes=10 if conditional else None)
 
     def __attrs_post_init__(self):
-        from mfrecipes.data.digits import load_digits_tensors
-
         r = self.resolution
-        name = f"digits-r{r}"
         per_shard = math.ceil(NUM_DIGITS / self.NUM_SHARDS)
 
         def build(tmp: str) -> Manifest:
-            x, y = load_digits_tensors(r)  # [N, 1, R, R] in [-1, 1], [N]
-            return write_shards(tmp, zip(x.numpy(), y.tolist()), name=name,
-                                samples_per_shard=per_shard, modality="image",
-                                sample_shape=(1, r, r), num_classes=10,
-                                params={"resolution": r})
+            return build_digits(tmp, r, self.NUM_SHARDS)
 
-        self._open_reader(name, build, NUM_DIGITS, per_shard, conditional=self.conditional)
+        self._open_reader(f"digits-r{r}", build, NUM_DIGITS, per_shard,
+                          conditional=self.conditional)
         object.__setattr__(self, "_info", attrs.evolve(self._reader.info, name="digits"))
 
     def reference(self, n: int, seed: int) -> torch.Tensor:

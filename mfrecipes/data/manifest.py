@@ -7,6 +7,11 @@ classes), so a recipe need not repeat it. Example::
     {"format": "mfrecipes-shards", "version": 1, "created_by": "mfrecipes 0.1.0",
      "name": "digits-r8", "key": "x.npy", "modality": "image", "sample_shape": [1, 8, 8],
      "num_classes": 10, "shards": [{"name": "shard-000000.tar", "count": 450, "bytes": 483840}]}
+
+Latent shards (``tools/make_shards.py``) add ``"layout": "mean_std"`` (each ``latent.npy`` is
+``[2, *sample_shape]``: the VAE posterior mean, then its std, unscaled), ``latent_scale``
+(0.18215 for SD-VAE), ``vae`` (the encoder's hub id or path) and ``classes`` (class folder name ->
+index). ``layout`` is ``"sample"`` otherwise: the array is the sample itself.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ log = logging.getLogger(__name__)
 FORMAT = "mfrecipes-shards"
 VERSION = 1
 FILENAME = "manifest.json"
+LAYOUTS = ("sample", "mean_std")
 
 
 def created_by() -> str:
@@ -51,6 +57,9 @@ class Manifest:
     latent_scale: Optional[float] = None
     vae: Optional[str] = None
     params: dict = attrs.field(factory=dict)
+    layout: str = attrs.field(default="sample", validator=attrs.validators.in_(LAYOUTS))
+    classes: Optional[dict] = attrs.field(default=None, repr=lambda c: "None" if c is None else
+                                          f"<{len(c)} classes>")
 
     @property
     def total(self) -> int:
@@ -63,8 +72,8 @@ class Manifest:
         return {"format": FORMAT, "version": VERSION, "created_by": self.created_by,
                 "name": self.name, "key": self.key, "modality": self.modality,
                 "sample_shape": list(self.sample_shape), "num_classes": self.num_classes,
-                "latent_scale": self.latent_scale, "vae": self.vae, "params": self.params,
-                "total": self.total,
+                "layout": self.layout, "latent_scale": self.latent_scale, "vae": self.vae,
+                "classes": self.classes, "params": self.params, "total": self.total,
                 "shards": [attrs.asdict(s) for s in self.shards]}
 
     @classmethod
@@ -81,12 +90,18 @@ class Manifest:
             if any(s.count < 0 for s in shards):
                 raise ValueError("negative shard count")
             nc = d.get("num_classes")
+            layout = str(d.get("layout") or "sample")
+            if layout not in LAYOUTS:
+                raise ValueError(f"'layout' {layout!r} is not one of {LAYOUTS}")
+            classes = d.get("classes")
             return cls(name=str(d["name"]), key=str(d["key"]), modality=str(d["modality"]),
                        sample_shape=tuple(int(n) for n in d["sample_shape"]),
                        num_classes=None if nc is None else int(nc), shards=shards,
                        created_by=str(d.get("created_by", "?")),
                        latent_scale=d.get("latent_scale"), vae=d.get("vae"),
-                       params=dict(d.get("params") or {}))
+                       params=dict(d.get("params") or {}), layout=layout,
+                       classes=None if classes is None else
+                       {str(k): int(v) for k, v in dict(classes).items()})
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"unreadable shard manifest: {err}; expected a JSON object with "
                             f"format={FORMAT!r}, version={VERSION}, key, modality, sample_shape, "
@@ -97,15 +112,20 @@ def manifest_url(shard_dir: str) -> str:
     return posixpath.join(shard_dir, FILENAME) if shard_dir else FILENAME
 
 
-def read_manifest(shard_dir: str, *, storage_options: Mapping | None = None
+def read_manifest(shard_dir: str, *, storage_options: Mapping | None = None, retry=None
                   ) -> Optional[Manifest]:
-    """The manifest in ``shard_dir`` (a local folder or a URL prefix), or None if there is none."""
-    from mfrecipes.data.remote import open_url
+    """The manifest in ``shard_dir`` (a local folder or a URL prefix), or None if there is none.
+
+    ``retry``: a ``remote.Retry`` for transient errors (default: its defaults).
+    """
+    from mfrecipes.data.remote import Retry, open_url
 
     url = manifest_url(shard_dir)
     try:
-        with open_url(url, storage_options=storage_options, retries=1) as f:
+        with open_url(url, storage_options=storage_options, retry=retry or Retry()) as f:
             raw = f.read()
+    except DataError:
+        raise
     except (FileNotFoundError, IsADirectoryError):
         return None
     except PermissionError as err:

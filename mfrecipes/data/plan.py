@@ -72,5 +72,6 @@ class EpochPlan:
         return self.rank_parts(epoch)[worker::self.num_workers]
 
     def sample_rng(self, epoch: int, worker: int, position: int) -> np.random.Generator:
-        """The in-shard shuffle generator of the ``position``-th part a worker reads in ``epoch``."""
+        """The in-shard shuffle generator of the ``position``-th part a worker reads in
+        ``epoch``."""
         return seeded_rng(self.seed, SAMPLE_ORDER, epoch, self.rank, worker, position)

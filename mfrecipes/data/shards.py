@@ -7,6 +7,17 @@ for latents: set ``key``) and ``cls`` (int, optional). A ``manifest.json`` besid
 (``manifest.py``) gives per-shard counts and the sample layout; without one, the layout is read
 from the first sample and counts by scanning, only when needed.
 
+Latents (``key: latent.npy``) are returned as ``latent_scale * z``. With ``layout: mean_std``
+(what ``tools/make_shards.py`` writes) the stored array is ``[2, C, H, W]``, the VAE posterior
+mean and std, and ``z = mean + std * n`` with ``n ~ N(0, I)`` drawn afresh for each read from a
+generator seeded by (seed, epoch, rank, worker, part position): a resumed run draws the same
+``n`` for the same sample as the uninterrupted run would have.
+
+Remote shards go through ``remote.py``: transient errors (a dropped connection, a 5xx answer,
+the server restarting) are retried with backoff for up to ``retry_timeout_s`` seconds, and a
+read that fails mid-shard resumes at the same byte offset; past the budget it is a
+``DataError``.
+
 The stream of a rank is a pure function of (seed, rank, world_size, num_workers): epoch ``e``
 reads this rank's parts in the order ``plan.py`` gives, each part through a shuffle buffer
 seeded by (seed, e, rank, worker, position); epochs follow each other seamlessly. Hence
@@ -30,11 +41,12 @@ import numpy as np
 import torch
 
 from mfrecipes.data.base import DataInfo
-from mfrecipes.data.manifest import Manifest, read_manifest
+from mfrecipes.data.manifest import LAYOUTS, Manifest, read_manifest
 from mfrecipes.data.npy import NpyDecoder
-from mfrecipes.data.plan import EpochPlan, Part
-from mfrecipes.data.remote import (FSSPEC_SCHEMES, known_schemes, local_path, open_url, redact,
-                                   register_fsspec_handlers, scheme)
+from mfrecipes.data.plan import EpochPlan, Part, seeded_rng
+from mfrecipes.data.remote import (FSSPEC_SCHEMES, Retry, known_schemes, local_path,
+                                   missing_message, open_url, redact, register_fsspec_handlers,
+                                   scheme)
 from mfrecipes.data.tar import TarError, iter_samples
 from mfrecipes.errors import DataError
 from mfrecipes.registry import DATASETS
@@ -42,6 +54,7 @@ from mfrecipes.registry import DATASETS
 log = logging.getLogger(__name__)
 
 _NPY = NpyDecoder()
+LATENT_NOISE = 0x5A4D04  # domain tag of the latent sampling noise (see plan.py for the others)
 register_fsspec_handlers()  # so that plain wds.WebDataset("s3://...") works too
 
 
@@ -70,6 +83,13 @@ def _opt_shape(v):
     return None if v is None else tuple(int(n) for n in v)
 
 
+def _check_layout(_, __, value):
+    if value is not None and value not in LAYOUTS:
+        raise DataError(f"layout {value!r} is not valid; valid: {', '.join(LAYOUTS)} (or "
+                        f"leave it unset to take it from the manifest)",
+                        path="data.params.layout")
+
+
 class _IndexStream:
     """Uniform integers in [0, high) drawn in chunks (one numpy call per 4096 draws)."""
 
@@ -92,6 +112,10 @@ class Shards:
     ``conditional=False`` ignores labels. ``sample_shape``: None reads it from the manifest or the
     first sample. ``shuffle_buffer``: in-shard shuffle buffer (1 = file order). ``resampled``:
     ranks draw shards with replacement (multi-node). ``num_workers``: DataLoader processes.
+    ``key``, ``layout``, ``latent_scale``, ``vae``: None takes them from the manifest (``key``
+    defaults to ``x.npy`` without one). ``storage_options``: fsspec options (endpoint,
+    credentials; prefer the AWS_* environment for secrets). ``retry_timeout_s``: how long
+    transient remote errors are retried before they are a ``DataError``.
     """
 
     urls: object = attrs.field(repr=lambda u: repr(u) if isinstance(u, str) else
@@ -104,10 +128,12 @@ class Shards:
         default=None, validator=attrs.validators.optional(attrs.validators.ge(1)))
     conditional: bool = True
     sample_shape: Optional[tuple] = attrs.field(default=None, converter=_opt_shape)
-    key: str = "x.npy"
+    key: Optional[str] = None
+    layout: Optional[str] = attrs.field(default=None, validator=_check_layout)
     latent_scale: Optional[float] = None
     vae: Optional[str] = None
     num_workers: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    retry_timeout_s: float = attrs.field(default=120.0, validator=attrs.validators.ge(0))
     seed: int = 0
     rank: int = 0
     world_size: int = attrs.field(default=1, validator=attrs.validators.ge(1))
@@ -117,9 +143,28 @@ class Shards:
     _scanned: dict = attrs.field(init=False, repr=False)   # shard index -> counted samples
     _info: DataInfo = attrs.field(init=False, repr=False)
     _stats: dict = attrs.field(init=False, repr=False)
+    _layout: str = attrs.field(init=False, repr=False)
+    _key: str = attrs.field(init=False, repr=False)
+    _retry: Retry = attrs.field(init=False, repr=False)
+
+    @classmethod
+    def static_info(cls, sample_shape=None, num_classes=None, conditional: bool = True,
+                    key: Optional[str] = None, layout: Optional[str] = None,
+                    latent_scale=None, vae=None, **_) -> Optional[DataInfo]:
+        """What the data will be when the recipe says it all (``sample_shape`` and, if
+        conditional, ``num_classes``); None when only the shards can tell (used by ``mfr check``).
+        """
+        if sample_shape is None or (conditional and num_classes is None):
+            return None
+        shape = _opt_shape(sample_shape)
+        modality = "latent" if (key or "").startswith("latent") or layout == "mean_std" else \
+            ("points" if len(shape) == 1 else "image")
+        return DataInfo(name="shards", modality=modality, sample_shape=shape,
+                        num_classes=num_classes if conditional else None,
+                        latent_scale=latent_scale, vae=vae)
 
     def __attrs_post_init__(self):
-        if not self.key.endswith(".npy"):
+        if self.key is not None and not self.key.endswith(".npy"):
             raise ValueError(f"key must name a .npy member (e.g. 'x.npy', 'latent.npy'), "
                              f"got {self.key!r}")
         if not 0 <= self.rank < self.world_size:
@@ -130,6 +175,7 @@ class Shards:
         set_("_urls", urls)
         set_("_scanned", {})
         set_("_stats", {"skipped": 0})
+        set_("_retry", Retry(timeout_s=self.retry_timeout_s))
         manifests = self._manifests()
         set_("_counts", [manifests[posixpath.dirname(u)].counts().get(posixpath.basename(u))
                          if manifests.get(posixpath.dirname(u)) else None for u in urls])
@@ -138,25 +184,44 @@ class Shards:
     # -- setup --------------------------------------------------------------------------------
     def _manifests(self) -> dict[str, Optional[Manifest]]:
         dirs = dict.fromkeys(posixpath.dirname(u) for u in self._urls)
-        return {d: read_manifest(d, storage_options=self.storage_options) for d in dirs}
+        return {d: read_manifest(d, storage_options=self.storage_options, retry=self._retry)
+                for d in dirs}
 
     def _make_info(self, manifest: Optional[Manifest]) -> DataInfo:
-        m = manifest if manifest is not None and manifest.key == self.key else None
-        shape = self.sample_shape or (m.sample_shape if m else None) or self._first_shape()
+        if self.key is None or manifest is None or manifest.key == self.key:
+            key = self.key or (manifest.key if manifest is not None else "x.npy")
+            m = manifest
+        else:  # the recipe reads another member than the manifest describes
+            key, m = self.key, None
+        object.__setattr__(self, "_key", key)
+        layout = self.layout or (m.layout if m else "sample")
+        object.__setattr__(self, "_layout", layout)
+        shape = self.sample_shape or (m.sample_shape if m else None)
+        if shape is None:
+            shape = self._first_shape()
+            if layout == "mean_std":
+                if len(shape) < 2 or shape[0] != 2:
+                    raise DataError(f"layout 'mean_std' needs {self._key} of shape [2, C, H, W] "
+                                    f"(mean, std); the first sample has {list(shape)}",
+                                    path="data.params.layout")
+                shape = shape[1:]
         num_classes = None
         if self.conditional:
             num_classes = self.num_classes if self.num_classes is not None else \
                 (m.num_classes if m else None)
-        if self.key.startswith("latent"):
+        if self._key.startswith("latent") or (m is not None and m.modality == "latent"):
             modality = "latent"
         elif m is not None and m.modality in ("points", "image"):
             modality = m.modality
         else:
             modality = "points" if len(shape) == 1 else "image"
+        scale = self.latent_scale if self.latent_scale is not None else \
+            (m.latent_scale if m else None)
+        if modality == "latent" and scale is None:
+            raise DataError("latent shards need a latent scale (SD-VAE: 0.18215); the manifest "
+                            "has none: set data.params.latent_scale", path="data.params")
         return DataInfo(name=m.name if m else "shards", modality=modality, sample_shape=shape,
-                        num_classes=num_classes,
-                        latent_scale=self.latent_scale if self.latent_scale is not None else
-                        (m.latent_scale if m else None),
+                        num_classes=num_classes, latent_scale=scale,
                         vae=self.vae or (m.vae if m else None))
 
     def _first_shape(self) -> tuple:
@@ -164,20 +229,21 @@ class Shards:
         try:
             with self._open(url) as f:
                 for rec in iter_samples(f):
-                    if self.key in rec:
-                        return tuple(NpyDecoder()(rec[self.key]).shape)
+                    if self._key in rec:
+                        return tuple(NpyDecoder()(rec[self._key]).shape)
         except (TarError, ValueError, OSError) as err:
             raise DataError(f"cannot read the first sample to learn the sample shape: {err}; "
                             f"set data.params.sample_shape or add a manifest.json",
                             path=url) from err
-        raise DataError(f"no member '*.{self.key}' in the first shard; set data.params.key to "
+        raise DataError(f"no member '*.{self._key}' in the first shard; set data.params.key to "
                         f"the array's suffix (e.g. 'x.npy', 'latent.npy')", path=url)
 
     def _open(self, url: str):
         try:
-            return open_url(url, storage_options=self.storage_options)
+            return open_url(url, storage_options=self.storage_options, retry=self._retry)
         except FileNotFoundError as err:
-            raise DataError("shard not found (check the URL pattern and the bucket); "
+            why = missing_message(url, self.storage_options)
+            raise DataError(f"shard {why}; valid: existing objects matching data.params.urls; "
                             f"storage options: {redact(self.storage_options)}", path=url) from err
         except PermissionError as err:
             raise DataError(f"access denied ({err}); check the credentials (AWS_* environment "
@@ -186,8 +252,8 @@ class Shards:
         except ValueError as err:  # WebDataset's gopen: no handler for this scheme
             raise DataError(f"cannot open this URL ({err}); valid schemes: "
                             f"{', '.join(known_schemes())} or a local path", path=url) from err
-        except OSError:
-            raise  # transient after retries: the caller skips the shard and counts it
+        except (OSError, DataError):
+            raise
         except Exception as err:  # e.g. botocore's missing or partial credentials
             raise DataError(f"cannot open this URL: {type(err).__name__}: {err}; storage "
                             f"options: {redact(self.storage_options)}", path=url) from err
@@ -220,7 +286,8 @@ class Shards:
 
     def batches(self, batch_size: int, *, start: int = 0
                 ) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """``(x [B, *sample_shape] float32, y [B] int64 or None)`` forever, from sample ``start``."""
+        """``(x [B, *sample_shape] float32, y [B] int64 or None)`` forever, from sample
+        ``start``."""
         if batch_size < 1 or start < 0:
             raise ValueError(f"need batch_size >= 1 and start >= 0, got {batch_size}, {start}")
         if self.num_workers == 0:
@@ -260,7 +327,13 @@ class Shards:
                     if n <= skip:
                         skip, seen = skip - n, seen + n
                         continue
-                for rec in self._part_records(part, plan.sample_rng(epoch, worker, pos), stats):
+                noise = None
+                if self._layout == "mean_std":
+                    # torch draws normals ~3x faster than numpy; seeded per part like the shuffle
+                    key = seeded_rng(plan.seed, LATENT_NOISE, epoch, plan.rank, worker, pos)
+                    noise = torch.Generator().manual_seed(int(key.integers(2**63)))
+                for rec in self._part_records(part, plan.sample_rng(epoch, worker, pos), stats,
+                                              noise):
                     seen += 1
                     if skip:
                         skip -= 1
@@ -295,9 +368,14 @@ class Shards:
             self._scanned[part.shard] = n
         return part.count(n)
 
-    def _part_records(self, part: Part, rng: np.random.Generator, stats: dict
-                      ) -> Iterator[dict]:
-        """The part's raw samples through a shuffle buffer; a broken shard ends early, counted."""
+    def _part_records(self, part: Part, rng: np.random.Generator, stats: dict,
+                      noise: Optional[torch.Generator] = None) -> Iterator[dict]:
+        """The part's raw samples through a shuffle buffer; a broken shard ends early, counted.
+
+        With ``noise``, each sample gets ``rec["__noise__"]`` (``[*sample_shape]`` float32), drawn
+        in file order, so the draw belongs to the sample, not to its place in the shuffle.
+        """
+        shape = self._info.sample_shape
         url = self._urls[part.shard]
         expected = None if self._counts[part.shard] is None else \
             part.count(self._counts[part.shard])
@@ -311,6 +389,8 @@ class Shards:
                     if i % part.num_slices != part.slice:
                         continue
                     got += 1
+                    if noise is not None:
+                        rec["__noise__"] = torch.randn(shape, generator=noise).numpy()
                     if len(buf) < size:
                         buf.append(rec)
                         continue
@@ -333,16 +413,31 @@ class Shards:
         """``(x float32 [*sample_shape], y int or None)``; ``ValueError`` if the sample is bad."""
         if "__bad__" in rec:
             raise ValueError(rec["__bad__"])
-        data = rec.get(self.key)
+        data = rec.get(self._key)
         if data is None:
-            raise ValueError(f"no {self.key!r} member (has: {sorted(rec)})")
+            raise ValueError(f"no {self._key!r} member (has: {sorted(rec)})")
         x = _NPY(data)
-        if x.shape != self._info.sample_shape:
-            raise ValueError(f"{self.key} has shape {x.shape}, expected "
-                             f"{self._info.sample_shape}")
-        if x.dtype != np.float32:
-            if x.dtype.kind not in "fiu":
-                raise ValueError(f"{self.key} has dtype {x.dtype}, expected a number type")
+        shape = self._info.sample_shape
+        stored = (2, *shape) if self._layout == "mean_std" else shape
+        if x.shape != stored:
+            raise ValueError(f"{self._key} has shape {x.shape}, expected {stored}")
+        if x.dtype.kind not in "fiu":
+            raise ValueError(f"{self._key} has dtype {x.dtype}, expected a number type")
+        if self._layout == "mean_std":
+            n = rec.get("__noise__")
+            if n is None:  # read outside the stream (no draw attached): the posterior mean
+                n = np.zeros(shape, np.float32)
+            mean, std = x[0], x[1]
+            if x.dtype != np.float32:
+                mean, std = mean.astype(np.float32), std.astype(np.float32)
+            # z = mean + std * n: a sample of the VAE posterior (METHOD.md section 9)
+            x = std * n
+            x += mean
+            if self._info.modality == "latent":
+                x *= np.float32(self._info.latent_scale)
+        elif self._info.modality == "latent":
+            x = x.astype(np.float32) * np.float32(self._info.latent_scale)
+        elif x.dtype != np.float32:
             x = x.astype(np.float32)
         nc = self._info.num_classes
         if nc is None:

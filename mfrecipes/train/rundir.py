@@ -24,6 +24,12 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _redact_arg(arg: str) -> str:
+    """Hide the value of a storage-options override (it may be a credential)."""
+    key, eq, _ = arg.partition("=")
+    return f"{key}=***" if eq and "storage_options" in key else arg
+
+
 def environment(world_size: int = 1, device: str = "cpu") -> dict:
     import torch
 
@@ -36,7 +42,7 @@ def environment(world_size: int = 1, device: str = "cpu") -> dict:
         "device": device,
         "world_size": world_size,
         "git_commit": git_commit(),
-        "argv": sys.argv,
+        "argv": [_redact_arg(a) for a in sys.argv],
     }
     for mod in ("timm", "webdataset", "deepspeed"):
         m = sys.modules.get(mod)
@@ -47,7 +53,10 @@ def environment(world_size: int = 1, device: str = "cpu") -> dict:
 
 def write_run_records(run_dir: str, resolved: dict, *, world_size: int, device: str) -> None:
     os.makedirs(run_dir, exist_ok=True)
-    atomic_write_text(os.path.join(run_dir, RESOLVED), dump_yaml(resolved))
+    from mfrecipes.data.remote import redact_recipe
+
+    # Credentials given in a recipe (data.params.storage_options) never reach the disk.
+    atomic_write_text(os.path.join(run_dir, RESOLVED), dump_yaml(redact_recipe(resolved)))
     atomic_write_text(os.path.join(run_dir, "plugins.json"), json.dumps({
         "entry_points": [p.as_dict() for p in plugins.all_plugins()],
         "imports": plugins.imported_modules(),
