@@ -4,14 +4,17 @@ Layout of ``RUN_DIR/checkpoints``::
 
     img-000000012800/          images seen, zero-padded so names sort by progress
         weights.safetensors    raw weights as ``net/*`` and every EMA as ``ema_<decay>/*``
-        train_state.pt         optimiser, RNG states, counters, data position, component states
+        train_state.pt         optimiser (torch AdamW layout), RNG states and data position of
+                               every rank, counters, component states
+        deepspeed/             DeepSpeed's own files, one partition per rank (engine: deepspeed)
         meta.json              images, step, the keys above, versions (written last)
     latest                     the name of the newest complete checkpoint
 
 A checkpoint is written into a hidden temporary folder and renamed into place, and ``latest`` is
 replaced atomically afterwards, so a crash at any moment leaves either the old or the new
-checkpoint complete, never a half-written one. Evaluation and sampling read only
-``weights.safetensors``, never an engine's format.
+checkpoint complete, never a half-written one. With several ranks, rank 0 names the temporary
+folder, every rank writes its engine files into it, and after a barrier rank 0 adds its files and
+renames. Evaluation and sampling read only ``weights.safetensors``, never an engine's format.
 """
 from __future__ import annotations
 
@@ -55,18 +58,41 @@ def checkpoint_name(images: int) -> str:
     return f"img-{images:012d}"
 
 
+def _fsync_tree(folder: str) -> None:
+    for root, _, files in os.walk(folder):
+        for fn in files:
+            with open(os.path.join(root, fn), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(root)
+
+
 def save_checkpoint(ckpt_root: str, *, images: int, step: int,
-                    weights: dict[str, dict[str, torch.Tensor]], train_state: dict[str, Any],
-                    meta: dict[str, Any], keep: int = 2) -> str:
-    """Write one checkpoint atomically; keep the newest ``keep``; return its folder."""
+                    weights: dict[str, dict[str, torch.Tensor]] | None,
+                    train_state: dict[str, Any] | None, meta: dict[str, Any] | None,
+                    keep: int = 2, engine=None) -> str:
+    """Write one checkpoint atomically; keep the newest ``keep``; return its folder.
+
+    With an ``engine`` every rank calls this: each writes the engine's own files
+    (``engine.save_native``) into the shared temporary folder; ``weights``, ``train_state`` and
+    ``meta`` are needed on the main rank only.
+    """
     from safetensors.torch import save_file
 
-    os.makedirs(ckpt_root, exist_ok=True)
     name = checkpoint_name(images)
     final = os.path.join(ckpt_root, name)
+    main = engine is None or engine.is_main
     tmp = os.path.join(ckpt_root, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    if main:
+        os.makedirs(ckpt_root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if engine is not None:
+        tmp = engine.broadcast(tmp)  # after rank 0 made it: also a barrier
+        engine.save_native(tmp)
+        _fsync_tree(tmp)
+        engine.barrier()  # every rank's files are in place before rank 0 renames
+        if not main:
+            return final
     # "group/param.name": EMA group names contain dots (ema_0.9999), so "/" separates.
     flat = {f"{prefix}/{k}": v.detach().to("cpu").contiguous().clone()
             for prefix, sd in weights.items() for k, v in sd.items()}
@@ -76,11 +102,9 @@ def save_checkpoint(ckpt_root: str, *, images: int, step: int,
     meta = dict(meta, images=images, step=step, weights=sorted(weights), complete=True)
     with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
-    for fn in (WEIGHTS, STATE, META):
-        with open(os.path.join(tmp, fn), "rb") as f:
-            os.fsync(f.fileno())
+    _fsync_tree(tmp)
     if os.path.exists(final):  # same image count written again (e.g. final == periodic)
-        shutil.rmtree(final)
+        _remove(ckpt_root, name)
     os.rename(tmp, final)
     _fsync_dir(ckpt_root)
     atomic_write_text(os.path.join(ckpt_root, LATEST), name + "\n")
@@ -94,9 +118,19 @@ def _complete(ckpt_root: str) -> list[str]:
     return sorted(names)
 
 
+def _remove(ckpt_root: str, name: str) -> None:
+    """Delete a checkpoint folder; renamed out of sight first, so a crash mid-delete never
+    leaves a visible folder with files missing."""
+    hidden = os.path.join(ckpt_root, f".tmp-del-{name}-{os.getpid()}")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.rename(os.path.join(ckpt_root, name), hidden)
+    _fsync_dir(ckpt_root)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def _prune(ckpt_root: str, keep: int) -> None:
     for name in _complete(ckpt_root)[:-keep]:
-        shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+        _remove(ckpt_root, name)
     for name in os.listdir(ckpt_root):  # temporaries of crashed writers
         if name.startswith(".tmp-") and not name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)

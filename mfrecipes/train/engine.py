@@ -3,29 +3,50 @@
 An engine owns the optimiser and the backward/step mechanics; the loop stays the same for every
 engine. The objective always receives the raw module (``engine.module``): torch.func.jvp cannot
 run through wrappers.
+
+The interface the loop uses (``DeepSpeedEngine`` has the same):
+
+- ``launch(device) -> (rank, world_size, device)`` (static): join the process group, if any.
+- ``module``, ``rank``, ``world_size``, ``is_main``, ``device``.
+- ``configure(train_cfg)``: a stage's optimiser settings; ``micro_batch_size()`` and
+  ``accumulation_steps()`` per rank; ``autocast()`` around the objective.
+- ``backward(loss)`` per micro batch; then ``step()`` (clips, and drops the update itself when
+  the gradient is non-finite) and ``grad_norm()`` (before clipping; inf/nan when dropped), or
+  ``skip()`` to drop the gradients of a non-finite loss.
+- ``mean_across_ranks(values)``, ``broadcast(obj)`` (from rank 0), ``gather(obj)``, ``barrier()``.
+- ``full_state_dict()`` / ``load_weights(sd)``: raw weights; ``state_dict()`` /
+  ``load_state_dict(state, folder)``: optimiser state in torch's AdamW layout (engine-neutral);
+  ``save_native(folder)``: the engine's own checkpoint files, if it has any.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from mfrecipes.recipe.schema import TrainCfg
+from mfrecipes.recipe.schema import Recipe, TrainCfg
 
 
 class SingleEngine:
     world_size = 1
     rank = 0
 
-    def __init__(self, net: nn.Module, cfg: TrainCfg, device: torch.device):
+    @staticmethod
+    def launch(device: torch.device) -> tuple[int, int, torch.device]:
+        return 0, 1, device
+
+    def __init__(self, net: nn.Module, recipe: Recipe, device: torch.device):
+        cfg = recipe.train
         self.module = net
         self.device = device
         self.cfg = cfg
         # AdamW, constant LR, no warm-up (MeanFlow's ImageNet setting; betas from the recipe).
         self.optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                            weight_decay=cfg.weight_decay)
+        self._grad_norm = math.nan
 
     def configure(self, cfg: TrainCfg) -> None:
         """Apply a stage's optimiser settings (lr, betas, weight decay, clipping) in place."""
@@ -56,21 +77,52 @@ class SingleEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def clip_and_check(self) -> float:
-        """Clip (if configured) and return the global gradient norm (inf/nan if non-finite)."""
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
-        return float(norm)
-
     def step(self) -> None:
-        self.optimizer.step()
+        """Clip (if configured) and update, unless the gradient is non-finite."""
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else math.inf
+        self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(),
+                                                               max_norm))
+        if math.isfinite(self._grad_norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def grad_norm(self) -> float:
+        """Gradient norm of the last ``step()`` before clipping; inf/nan if it was dropped."""
+        return self._grad_norm
 
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+    # -- collectives (trivial with one process) -------------------------------------------------
+    def mean_across_ranks(self, values: list[float]) -> list[float]:
+        return list(values)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+    def gather(self, obj: Any) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    # -- weights and state ----------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_weights(self, sd: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(sd)
+
+    def state_dict(self) -> dict:
+        return {"kind": "single", "world_size": 1, "optimizer": self.optimizer.state_dict()}
+
+    def save_native(self, folder: str) -> None:
+        pass
+
+    def load_state_dict(self, state: dict, folder: Optional[str] = None) -> str:
+        """Restore the optimiser (also from a DeepSpeed run's consolidated copy)."""
+        full = state.get("optimizer")
+        if not full or "state" not in full:
+            return "no optimiser state (reinitialised)"
+        self.optimizer.load_state_dict(full)
+        return "optimiser state"

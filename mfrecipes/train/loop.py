@@ -7,6 +7,12 @@ total images, or, in a multi-stage recipe, the fraction of the current stage's i
 Everything random comes from two places whose states are checkpointed: a CPU ``torch.Generator``
 for (t, r) and noise, and torch's global RNG (class dropout inside objectives), so a resumed run
 reproduces an uninterrupted one bit for bit on the CPU.
+
+With several ranks (``engine: deepspeed``), the generator is the same on every rank: each step
+draws (t, r) and noise for the whole global batch and rank k takes rows k::world_size of them, so
+the draws do not depend on the world size. Each rank reads its own share of the data, the loss
+is averaged across ranks before it is logged or fed back to a sampler, and every rank takes part
+in a checkpoint; rank 0 alone logs, evaluates and writes the plain files.
 """
 from __future__ import annotations
 
@@ -50,22 +56,21 @@ class Trainer:
         rbuild.load_imports(recipe)
 
         if recipe.engine == "deepspeed":
-            from mfrecipes.train.deepspeed_engine import DeepSpeedEngine  # only it imports deepspeed
-            engine_cls = DeepSpeedEngine
-            rank, world = DeepSpeedEngine.rank_and_world()
+            # The only module that imports deepspeed.
+            from mfrecipes.train.deepspeed_engine import DeepSpeedEngine as Engine
         else:
-            engine_cls, rank, world = None, 0, 1
-        self.dataset = rbuild.build_dataset(recipe, rank=rank, world_size=world)
+            from mfrecipes.train.engine import SingleEngine as Engine
+        self.rank, self.world, self.device = Engine.launch(self.device)
+        self.dataset = rbuild.build_dataset(recipe, rank=self.rank, world_size=self.world)
         self.info = self.dataset.info
-        net = rbuild.build_backbone(recipe, self.info).to(self.device)
-        if engine_cls is None:
-            from mfrecipes.train.engine import SingleEngine
-            self.engine = SingleEngine(net, cfg, self.device)
-        else:
-            self.engine = engine_cls(net, recipe, self.device)
+        net = rbuild.build_backbone(recipe, self.info).to(self.device)  # same seed: same init
+        self.engine = Engine(net, recipe, self.device)
         self.net = self.engine.module  # the raw module: the JVP cannot run through wrappers
         self.ema = EMA(self.net, cfg.ema_decays)
-        self.generator = torch.Generator().manual_seed(recipe.run.seed * 1_000_003 + 7 + rank)
+        if self.rank:  # the objective's own draws (class dropout) differ between ranks
+            torch.manual_seed(recipe.run.seed + 7919 * self.rank)
+        # Shared by all ranks: (t, r) and noise are drawn for the global batch (see _train_step).
+        self.generator = torch.Generator().manual_seed(recipe.run.seed * 1_000_003 + 7)
         self.images = 0       # global images seen
         self.step = 0
         self.nonfinite = 0
@@ -113,7 +118,7 @@ class Trainer:
             raise CheckpointError(f"{path} has no weights {key!r}; it holds "
                                   f"{', '.join(sorted(groups))}", path="init_from")
         try:
-            self.net.load_state_dict(groups[key])
+            self.engine.load_weights(groups[key])
         except RuntimeError as err:
             raise CheckpointError(f"init_from weights {path} ({key}) do not fit this recipe's "
                                   f"backbone: {err}", path="init_from") from err
@@ -121,17 +126,23 @@ class Trainer:
         return f"{path} ({key})"
 
     # -- state ----------------------------------------------------------------------------------
+    def rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: the data position and torch's RNG."""
+        state = {"data_position": self.data_position, "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
     def train_state(self) -> dict[str, Any]:
+        """Every rank calls this (the engine and the rank states are gathered)."""
         state = {
             "images": self.images, "step": self.step, "nonfinite": self.nonfinite,
             "stage": self.stage_idx,
-            "data_position": self.data_position,
             "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "world_size": self.world,
+            "ranks": self.engine.gather(self.rank_state()),
             "engine": self.engine.state_dict(),
         }
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         for name in ("sampler", "loss_weighting", "gap_schedule", "objective"):
             comp = getattr(self, name)
             if hasattr(comp, "state_dict"):
@@ -139,39 +150,53 @@ class Trainer:
         return state
 
     def save(self) -> str | None:
-        if not self.engine.is_main:
-            return None
-        weights = {"net": self.net.state_dict(), **self.ema.state_dicts()}
+        """Every rank takes part; rank 0 writes the plain files."""
+        weights = {"net": self.engine.full_state_dict(), **self.ema.state_dicts()}
+        state = self.train_state()
         meta = {"recipe": self.recipe.run.name, "ema": list(self.ema.shadows),
                 "sample_shape": list(self.info.sample_shape),
-                "num_classes": self.info.num_classes}
+                "num_classes": self.info.num_classes, "world_size": self.world}
+        main = self.engine.is_main
         return ckpt.save_checkpoint(os.path.join(self.run_dir, "checkpoints"), images=self.images,
-                                    step=self.step, weights=weights,
-                                    train_state=self.train_state(), meta=meta,
-                                    keep=self.recipe.train.keep_checkpoints)
+                                    step=self.step, weights=weights if main else None,
+                                    train_state=state if main else None,
+                                    meta=meta if main else None,
+                                    keep=self.recipe.train.keep_checkpoints, engine=self.engine)
 
     def resume(self) -> bool:
         folder = ckpt.latest_checkpoint(os.path.join(self.run_dir, "checkpoints"))
+        folder = self.engine.broadcast(folder)  # every rank resumes from the same checkpoint
         if folder is None:
             return False
         ckpt.load_meta(folder)
         weights = ckpt.load_weights(folder)
         state = ckpt.load_train_state(folder)
         try:
-            self.net.load_state_dict(weights["net"])
+            self.engine.load_weights(weights["net"])
             self.ema.load_state_dicts({k: v for k, v in weights.items() if k != "net"})
         except (KeyError, RuntimeError) as err:
             raise CheckpointError(f"checkpoint {folder} does not match this recipe's backbone: "
                                   f"{err}") from err
-        self.engine.load_state_dict(state["engine"])
+        self.resume_note = self.engine.load_state_dict(state["engine"], folder)
         self.images, self.step = state["images"], state["step"]
         # Component states belong to the stage that was running when the checkpoint was written.
         self._enter_stage(state.get("stage", 0))
-        self.nonfinite, self.data_position = state["nonfinite"], state["data_position"]
+        self.nonfinite = state["nonfinite"]
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        ranks = state.get("ranks") or [state]  # older single-process layout
+        if len(ranks) == self.world:
+            mine = ranks[self.rank]
+            self.data_position = mine["data_position"]
+            torch.set_rng_state(mine["torch_rng"])
+            if "cuda_rng" in mine and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+        else:
+            # Another world size splits the shards differently: continue each rank's new stream
+            # at the same fraction of an epoch, with fresh per-rank RNG.
+            self.data_position = self.images // self.world
+            torch.manual_seed(self.recipe.run.seed + 7919 * self.rank + self.step)
+            self.resume_note += (f"; world size {len(ranks)} -> {self.world}: data order and "
+                                 f"per-rank randomness differ from an uninterrupted run")
         for name in ("sampler", "loss_weighting", "gap_schedule", "objective"):
             comp = getattr(self, name)
             if f"{name}_state" in state and hasattr(comp, "load_state_dict"):
@@ -225,7 +250,8 @@ class Trainer:
         if init_note:
             logger.info(f"initialised from {init_note}")
         if resumed:
-            logger.info(f"resumed from {self.images} images (step {self.step})")
+            logger.info(f"resumed from {self.images} images (step {self.step}); "
+                        f"{self.resume_note}")
         else:
             logger.info(f"training {self.recipe.run.name}: {self.info.name} -> "
                         f"{type(self.net).__name__} "
@@ -250,7 +276,7 @@ class Trainer:
                                 "stage": self.stage.name}, echo=False)
                     logger.info(f"stage {self.stage.name}: images {self.stage.start}-"
                                 f"{self.stage.end}")
-                loss_value, diag, grad_norm = self._train_step(batches, mb, accum)
+                loss_value, diag, grad_norm = self._train_step(batches, mb, accum)  # all ranks
                 before = self.images
                 self.images += cfg.global_batch_size
                 self.step += 1
@@ -281,16 +307,24 @@ class Trainer:
 
     def _train_step(self, batches, mb: int, accum: int) -> tuple[float, dict, float]:
         progress = self.progress()
+        # (t, r) and noise for the whole global batch, identical on every rank; this rank takes
+        # rows rank::world, micro batch by micro batch (so the draws do not depend on the world).
+        global_b = mb * accum * self.world
+        t_all, r_all = self.sampler.sample(global_b, progress=progress, generator=self.generator,
+                                           device=self.device)
+        noise_all = torch.randn((global_b, *self.info.sample_shape), generator=self.generator)
+        mine = slice(self.rank, None, self.world)
+        t_all, r_all, noise_all = t_all[mine], r_all[mine], noise_all[mine]
         total = 0.0
         diag: dict[str, float] = {}
-        for _ in range(accum):
+        for a in range(accum):
             x, y = next(batches)
             self.data_position += x.shape[0]
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device) if y is not None else None
-            t, r = self.sampler.sample(x.shape[0], progress=progress, generator=self.generator,
-                                       device=self.device)
-            noise = torch.randn(x.shape, generator=self.generator).to(self.device)
+            rows = slice(a * mb, (a + 1) * mb)
+            t, r = t_all[rows], r_all[rows]
+            noise = noise_all[rows].to(self.device)
             with self.engine.autocast():
                 out = self.objective(self.net, x, y, t, r, noise, progress=progress,
                                      ema_net=self.ema.module())
@@ -302,23 +336,28 @@ class Trainer:
             total += float(loss.detach())
             for k, v in out.diagnostics.items():
                 diag[f"obj/{k}"] = diag.get(f"obj/{k}", 0.0) + float(v) / accum
-        grad_norm = self.engine.clip_and_check()
+        # The mean over ranks: what is logged, what samplers observe, what decides a skip.
+        total, *values = self.engine.mean_across_ranks([total, *diag.values()])
+        diag = dict(zip(diag, values))
+        max_nonfinite = self.stage.recipe.train.max_nonfinite
+        if math.isfinite(total):
+            self.engine.step()  # clips; drops the update itself if the gradient is non-finite
+            grad_norm = self.engine.grad_norm()
+        else:
+            self.engine.skip()  # never step on a non-finite loss
+            grad_norm = math.nan
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
-            # Never step on (or save) a non-finite loss: drop the update and count it.
-            self.engine.skip()
             self.nonfinite += 1
             if self.engine.is_main:
                 print(f"warning: non-finite loss/gradient at {self.images} images "
-                      f"({self.nonfinite}/{self.stage.recipe.train.max_nonfinite} allowed); "
-                      f"update skipped", flush=True)
-            if self.nonfinite > self.stage.recipe.train.max_nonfinite:
+                      f"({self.nonfinite}/{max_nonfinite} allowed); update skipped", flush=True)
+            if self.nonfinite > max_nonfinite:
                 raise TrainingError(
                     f"{self.nonfinite} non-finite losses by {self.images} images (limit "
-                    f"train.max_nonfinite={self.stage.recipe.train.max_nonfinite}); the last good "
+                    f"train.max_nonfinite={max_nonfinite}); the last good "
                     f"checkpoint in {self.run_dir}/checkpoints is intact. Lower train.lr, set "
                     f"train.grad_clip, or check the data")
             return total, diag, grad_norm
-        self.engine.step()
         self.ema.update(self.net)
         if hasattr(self.sampler, "observe"):
             self.sampler.observe(total, progress)
