@@ -224,6 +224,8 @@ class Trainer:
                                          f"{self.images} images")
             elif self.info.modality == "image":
                 plots.save_image_grid(x[:ev.grid_size], stem)
+            elif self.info.modality == "latent":
+                self._save_latent_grid(x[:ev.grid_size], stem, logger)
             quality = evaluate.quality(self.dataset, x[:ev.num_samples],
                                        cache_dir=rbuild.default_cache_dir(self.recipe),
                                        seed=ev.seed)
@@ -231,6 +233,22 @@ class Trainer:
                 record[f"eval/nfe{nfe}/{k}"] = float(v)
         logger.log({"images": self.images, "step": self.step, **record})
         return record
+
+    def _save_latent_grid(self, z: torch.Tensor, path: str, logger: RunLogger) -> None:
+        """Decode latents through the dataset's VAE for the grid; without one, say so once."""
+        from mfrecipes import plots
+        from mfrecipes.data.vae import decode_latents
+        from mfrecipes.errors import DataError
+
+        if getattr(self, "_vae_missing", False):
+            return
+        try:
+            images = decode_latents(z, self.info, device=self.device)
+        except DataError as err:
+            self._vae_missing = True
+            logger.info(f"warning: no sample grids for this latent run: {err}")
+            return
+        plots.save_image_grid(images, path)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
