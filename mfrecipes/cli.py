@@ -1,4 +1,4 @@
-"""The ``mfr`` command: run | check | show | list.
+"""The ``mfr`` command: run | check | show | list | sample | eval.
 
 Every error a user can cause ends in one message (what, where, what would be valid) on stderr and a
 non-zero exit, never a traceback.
@@ -39,7 +39,58 @@ def _parser() -> argparse.ArgumentParser:
     lst.add_argument("kind", nargs="?", help="backbone, objective, timestep_sampler, "
                                              "loss_weighting, gap_schedule or dataset")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_sample_eval(sub)
     return p
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected integers such as 1 or 1,2; got {text!r}"
+                                         ) from err
+
+
+def _add_sample_eval(sub) -> None:
+    """``mfr sample`` and ``mfr eval`` (logic: mfrecipes/evaluate/commands.py)."""
+
+    def common(q):
+        q.add_argument("run_dir", help="run directory written by `mfr run`")
+        q.add_argument("--nfe", type=_int_list, default=[1],
+                       help="average-velocity steps, e.g. 1 or 1,2 (default 1)")
+        q.add_argument("--steps", type=_int_list, default=None,
+                       help="Euler steps on u(z, t, t); needs --instantaneous")
+        q.add_argument("--instantaneous", action="store_true",
+                       help="Euler on the instantaneous velocity u(z, t, h=0) (Table 5)")
+        q.add_argument("--weights", default="ema",
+                       help="ema (first EMA, default), raw, or a group such as ema_0.9999")
+        q.add_argument("--checkpoint", help="checkpoint folder or name (default: latest)")
+        q.add_argument("--labels", default=None,
+                       help="uniform | balanced | null | class list such as 0,3,7")
+        q.add_argument("--seed", type=int, default=None)
+        q.add_argument("--batch-size", type=int, default=256)
+        q.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+        q.add_argument("--vae", help="VAE id or folder for latent data (default: the data's)")
+
+    s = sub.add_parser("sample", help="draw samples from a run: PNG grid / scatter and .npz")
+    common(s)
+    s.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
+    s.add_argument("--out", help="output folder (default RUN_DIR/samples)")
+
+    e = sub.add_parser("eval", help="FID (clean-fid) or the dataset's metrics of a checkpoint")
+    common(e)
+    e.add_argument("--num", type=int, default=None,
+                   help="samples (default 50000 for FID, else the recipe's eval.num_samples)")
+    e.add_argument("--ref", help="reference statistics .npz with mu, sigma (ADM's format)")
+    e.add_argument("--ref-shards", help="shard URL whose samples give the reference statistics")
+    e.add_argument("--ref-num", type=int, default=50_000, help="real samples for --ref-shards")
+    e.add_argument("--save-ref", help="write the --ref-shards statistics to this .npz")
+    e.add_argument("--mode", default="legacy_tensorflow",
+                   choices=["clean", "legacy_tensorflow", "legacy_pytorch"],
+                   help="clean-fid mode (default legacy_tensorflow: the paper protocol)")
+    e.add_argument("--inception", help="local Inception weights (clean-fid's "
+                                       "inception-2015-12-05.pt); or set MFR_INCEPTION")
+    e.add_argument("--json", action="store_true", help="print the record as JSON")
 
 
 def _resolve_recipe_arg(path: str, overrides: Sequence[str]):
@@ -64,8 +115,14 @@ def _resolve_recipe_arg(path: str, overrides: Sequence[str]):
 def cmd_check(args) -> int:
     from mfrecipes.recipe.build import check_recipe
 
+    import warnings
+
     recipe, _, _ = _resolve_recipe_arg(args.recipe, args.overrides)
-    parts = check_recipe(recipe)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        parts = check_recipe(recipe)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     print(f"ok: {args.recipe} ({recipe.run.name}: {recipe.data.name} -> {recipe.backbone.name}, "
           f"{recipe.objective.name}, {recipe.train.total_images} images)")
     for name, comp in parts.items():
@@ -83,25 +140,28 @@ def _one_line(comp) -> str:
 def cmd_show(args) -> int:
     from mfrecipes.recipe import dump_yaml
 
+    from mfrecipes.data.remote import redact_recipe
+
     _, data, _ = _resolve_recipe_arg(args.recipe, args.overrides)
-    sys.stdout.write(dump_yaml(data))
+    sys.stdout.write(dump_yaml(redact_recipe(data)))
     return 0
 
 
 def cmd_run(args) -> int:
+    from mfrecipes.data.remote import redact_recipe
     from mfrecipes.recipe.build import check_recipe
     from mfrecipes.recipe.load import read_yaml
     from mfrecipes.train.loop import train
     from mfrecipes.train.rundir import RESOLVED
 
     recipe, data, run_dir = _resolve_recipe_arg(args.recipe, args.overrides)
-    check_recipe(recipe)  # fail before any heavy work
+    check_recipe(recipe, for_run=True)  # fail before any heavy work
     if run_dir is None:
         run_dir = args.out or recipe.run.out_dir or os.path.join("runs", recipe.run.name)
         existing = os.path.join(run_dir, RESOLVED)
         if os.path.isfile(existing):
             old = read_yaml(existing)
-            if _comparable(old) != _comparable(data):
+            if _comparable(old) != _comparable(redact_recipe(data)):
                 raise RecipeError(
                     f"run directory {run_dir} holds a different recipe; resume it with "
                     f"`mfr run {run_dir}`, or choose a new directory with --out")
@@ -109,7 +169,8 @@ def cmd_run(args) -> int:
         raise RecipeError("--out cannot be combined with a run directory argument (the run "
                           "directory is the output)")
     result = train(recipe, data, run_dir)
-    print(json.dumps({"run_dir": run_dir, **result}))
+    if int(os.environ.get("RANK", "0")) == 0:  # launched on several ranks: rank 0 reports
+        print(json.dumps({"run_dir": run_dir, **result}))
     return 0
 
 
@@ -159,7 +220,41 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "check": cmd_check, "show": cmd_show, "list": cmd_list}
+def cmd_sample(args) -> int:
+    from mfrecipes.evaluate import commands
+
+    spec, *more = commands.sampler_specs(args.nfe, args.steps, args.instantaneous)
+    if more:
+        raise RecipeError("mfr sample takes one step count (--nfe K or --steps N); mfr eval "
+                          "takes several")
+    summary = commands.sample_run(
+        args.run_dir, spec=spec, weights=args.weights, checkpoint=args.checkpoint, num=args.num,
+        labels=args.labels or "uniform", seed=0 if args.seed is None else args.seed,
+        out=args.out, batch_size=args.batch_size, device=args.device, vae=args.vae)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mfrecipes.evaluate import commands
+
+    record = commands.eval_run(
+        args.run_dir, specs=commands.sampler_specs(args.nfe, args.steps, args.instantaneous),
+        weights=args.weights, checkpoint=args.checkpoint, num=args.num, labels=args.labels,
+        seed=args.seed, ref=args.ref, ref_shards=args.ref_shards, ref_num=args.ref_num,
+        save_ref=args.save_ref, mode=args.mode, inception=args.inception,
+        batch_size=args.batch_size, device=args.device, vae=args.vae)
+    if args.json:
+        print(commands.format_record(record, as_json=True))
+    else:
+        from rich.console import Console
+
+        Console().print(commands.format_record(record))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "check": cmd_check, "show": cmd_show, "list": cmd_list,
+            "sample": cmd_sample, "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

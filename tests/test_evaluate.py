@@ -237,3 +237,62 @@ def test_quality_registry_extension(monkeypatch):
     assert ev.quality(ds, torch.zeros(2, 3, 32, 32), seed=1) == {"fid": 2.5}
     with pytest.raises(ValueError):
         register_quality(name="x", modality="image")
+
+
+# ------------------------------------------------------------------------ FID pipeline pieces
+
+def test_feature_stats_running_matches_numpy():
+    from mfrecipes.evaluate.fid import FeatureStats
+
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(301, 5)) * [1, 2, 3, 4, 5] + 7
+    acc = FeatureStats()
+    for lo in range(0, 301, 64):
+        acc.add(f[lo:lo + 64])
+    mu, sigma = acc.stats()
+    np.testing.assert_allclose(mu, f.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(f, rowvar=False), rtol=1e-9, atol=1e-9)
+
+
+def test_load_ref_stats_formats(tmp_path):
+    from mfrecipes.errors import DataError
+    from mfrecipes.evaluate.fid import fid_key, load_ref_stats, save_ref_stats
+
+    mu, sigma = np.arange(3.0), np.eye(3) * 2
+    np.savez(tmp_path / "adm.npz", mu=mu, sigma=sigma, arr_0=np.zeros((2, 4, 4, 3), np.uint8))
+    np.savez(tmp_path / "ref.npz", ref_mu=mu, ref_sigma=sigma)
+    for name in ("adm.npz", "ref.npz"):
+        m, s = load_ref_stats(tmp_path / name, mode="legacy_tensorflow")
+        np.testing.assert_array_equal(m, mu) and np.testing.assert_array_equal(s, sigma)
+    save_ref_stats(tmp_path / "own.npz", mu, sigma, mode="clean")
+    load_ref_stats(tmp_path / "own.npz", mode="clean")
+    with pytest.raises(DataError, match="mode 'clean'"):
+        load_ref_stats(tmp_path / "own.npz", mode="legacy_tensorflow")
+    np.savez(tmp_path / "bad.npz", mu=mu, sigma=np.eye(2))
+    with pytest.raises(DataError, match="do not fit"):
+        load_ref_stats(tmp_path / "bad.npz")
+    assert fid_key("legacy_tensorflow") == "fid" and fid_key("clean") == "fid_clean"
+
+
+def test_image_features_legacy_tensorflow_feeds_raw_pixels():
+    """legacy_tensorflow: no resize outside the network, grey repeated to RGB, [0, 255] floats."""
+    from mfrecipes.evaluate.fid import image_features
+
+    seen = []
+
+    def extractor(x):
+        seen.append(x.clone())
+        return x.mean(dim=(2, 3))                                     # [N, 3]
+
+    rng = np.random.default_rng(1)
+    u8 = rng.integers(0, 256, size=(5, 6, 7, 1), dtype=np.uint8)
+    f = image_features(u8, extractor, mode="legacy_tensorflow", batch_size=2)
+    x = torch.cat(seen)
+    assert x.shape == (5, 3, 6, 7) and x.dtype == torch.float32
+    expect = torch.from_numpy(u8).float().permute(0, 3, 1, 2).repeat(1, 3, 1, 1)
+    assert torch.equal(x, expect)
+    np.testing.assert_allclose(f, expect.double().mean(dim=(2, 3)).numpy(), rtol=1e-6)
+    image_features(u8[..., 0:1].repeat(3, -1), extractor, mode="clean", batch_size=5)
+    assert seen[-1].shape == (5, 3, 299, 299) and 0 <= float(seen[-1].min())
+    with pytest.raises(ValueError, match="uint8"):
+        image_features(u8.astype(np.float32), extractor, mode="clean")

@@ -4,8 +4,12 @@ Metrics per dataset (DESIGN.md section 7):
 
 - 2-D points: sliced Wasserstein-1 to fresh reference samples (``swd``);
 - scikit-learn digits: Frechet distance in the features of a small cached classifier (``fd_digits``);
-- other image or latent sets: nothing yet (FID through clean-fid is added by registering a
-  metric function for the dataset's name with :func:`register_quality`).
+- other image or latent sets: none here; FID against reference statistics (clean-fid) is
+  computed by ``mfr eval`` (``fid.py``, ``commands.py``).
+
+Also in this package: ``load.py`` (a checkpoint's network from a run directory), ``commands.py``
+(``mfr sample`` / ``mfr eval``), ``task_affinity.py`` (gradient cosine of the v- and u-losses per
+gap range) and ``compare.py`` (tables and curves across runs).
 
 scipy, scikit-learn and safetensors are imported only when a metric needs them.
 """

@@ -1,0 +1,116 @@
+"""tools/reproduce.py: the plan, the skip logic, and one tiny group end to end."""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(REPO, "recipes")
+
+
+@pytest.fixture(scope="module")
+def repro():
+    spec = importlib.util.spec_from_file_location(
+        "reproduce", os.path.join(REPO, "tools", "reproduce.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_plan_globs_recipes_and_seeds(repro, tmp_path):
+    jobs = repro.plan("table3", recipes=RECIPES, out=str(tmp_path), seeds=[0, 1])
+    names = sorted({os.path.basename(j.recipe) for j in jobs})
+    assert names == sorted(os.path.basename(p)
+                           for p in glob.glob(os.path.join(RECIPES, "digits/table3/*.yaml")))
+    assert len(jobs) == 2 * len(names)
+    j = jobs[0]
+    assert j.run_dir == os.path.join(str(tmp_path), "table3", f"{j.name}-s{j.seed}")
+    assert f"run.seed={j.seed}" in j.overrides
+
+    cv = repro.plan("cv_sweep", recipes=RECIPES, out="o", seeds=[0])
+    swept = [j for j in cv if "beta_cv" in " ".join(j.overrides)]
+    assert swept and all("train.total_images=1000000" in j.overrides for j in cv)
+    assert all("train.total_images=1000000" not in j.overrides
+               for j in repro.plan("cv_sweep", recipes=RECIPES, out="o", seeds=[0], full=True))
+
+    dmf = repro.plan("dmf", recipes=RECIPES, out="o", seeds=[3])
+    if len(dmf) > 1:   # flow matching first, the DMF runs read it
+        assert dmf[0].name == "flow_matching"
+        assert all(f"init_from.path={dmf[0].run_dir}" in j.overrides for j in dmf[1:])
+
+    t5 = repro.plan("table5", recipes=RECIPES, out="o", seeds=[0])
+    assert all(j.kind == "eval" and j.run_dir.startswith(os.path.join("o", "table3"))
+               for j in t5)
+
+
+def test_dry_run_prints_and_writes_nothing(repro, tmp_path, capsys):
+    out = tmp_path / "repro"
+    assert repro.main(["--only", "table3,fig3", "--seeds", "0,1", "--out", str(out),
+                       "--recipes", RECIPES, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "== table3" in text and "== fig3" in text and "[to run]" in text
+    assert "mfrecipes run" in text and "run.seed=1" in text
+    assert not out.exists()
+
+
+def _fake_checkpoint(run_dir, images):
+    folder = os.path.join(run_dir, "checkpoints", f"img-{images:012d}")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump({"images": images, "complete": True}, f)
+
+
+def test_skip_logic(repro, tmp_path):
+    (job,) = [j for j in repro.plan("table3", recipes=RECIPES, out=str(tmp_path), seeds=[0])
+              if j.name == "meanflow"]
+    total = repro.total_images(job)
+    assert not repro.is_complete(job)                 # nothing there
+    _fake_checkpoint(job.run_dir, total // 2)
+    assert not repro.is_complete(job)                 # interrupted: resume
+    _fake_checkpoint(job.run_dir, total)
+    assert repro.is_complete(job)
+    # an override of the budget changes what "complete" means
+    longer = repro.plan("table3", recipes=RECIPES, out=str(tmp_path), seeds=[0],
+                        extra=(f"train.total_images={2 * total}",))
+    assert not repro.is_complete(next(j for j in longer if j.name == "meanflow"))
+    # evaluation jobs: complete once eval.jsonl has every metric for the final checkpoint
+    (ev,) = [j for j in repro.plan("table5", recipes=RECIPES, out=str(tmp_path), seeds=[0])
+             if j.name == "meanflow"]
+    assert ev.run_dir == job.run_dir and not repro.is_complete(ev)
+    rec = {"images": total, **{m: 1.0 for m in repro.metrics_for("table5")}}
+    with open(os.path.join(job.run_dir, "eval.jsonl"), "w") as f:
+        f.write(json.dumps(rec) + "\n")
+    assert repro.is_complete(ev)
+
+
+TINY = """\
+run: {name: tiny, device: cpu}
+data: {name: digits, params: {resolution: 8}}
+backbone: {name: dit_tiny_2, params: {}}
+train: {global_batch_size: 64, total_images: 128, lr: 1.0e-3, ema_decays: [0.999],
+        log_every_images: 64, progress_bar: false}
+eval: {nfe: [1, 2], num_samples: 32, grid_size: 16}
+"""
+
+
+def test_one_tiny_group_runs_skips_and_reports(repro, tmp_path, capsys):
+    root = tmp_path / "recipes"
+    (root / "digits" / "table3").mkdir(parents=True)
+    (root / "digits" / "table3" / "tiny.yaml").write_text(TINY)
+    out = tmp_path / "out"
+    argv = ["--only", "table3", "--recipes", str(root), "--out", str(out), "--seeds", "0"]
+    assert repro.main(argv) == 0
+    assert "[to run]" in capsys.readouterr().out
+    run_dir = out / "table3" / "tiny-s0"
+    assert (run_dir / "checkpoints" / "latest").is_file()
+    md = (out / "table3.md").read_text()
+    assert "eval/nfe1/fd_digits" in md and "eval/nfe2/fd_digits" in md and "tiny" in md
+    assert (out / "table3.csv").is_file() and (out / "table3.png").is_file()
+    mtime = os.path.getmtime(run_dir / "metrics.jsonl")
+    assert repro.main(argv) == 0
+    assert "[done, skip]" in capsys.readouterr().out
+    assert os.path.getmtime(run_dir / "metrics.jsonl") == mtime

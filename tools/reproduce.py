@@ -1,0 +1,239 @@
+"""Small-scale reproduction of the paper's figures and tables: train every run, then compare.
+
+    python tools/reproduce.py [--only GROUP[,GROUP]] [--seeds 0,1,2] [--out runs/repro]
+        [--recipes recipes] [--set key=value ...] [--full] [--dry-run]
+
+Groups (recipes are globbed when the plan is made, so new recipe files join automatically):
+
+- ``table3``: ``digits/table3/*.yaml`` (MeanFlow, + MinSNR, + DTD, + beta, + MinSNR + beta,
+  + DTD + beta);
+- ``table4``: ``digits/table4/*.yaml`` (k of the progress schedule);
+- ``fig2``: ``digits/fig2_vpre*.yaml`` and ``observation/digits_fig2_vpre*.yaml`` (v-pretraining);
+- ``fig3``: ``digits/fig3/*.yaml`` (noise on the v-target);
+- ``fig4``: ``digits/fig4/*.yaml`` and ``observation/digits_fig4_vpre_gap_*.yaml`` (gap ranges);
+- ``table5``: no training: Euler sampling on u(z, t, t) with 32, 64 and 128 steps of the table3
+  ``meanflow`` and ``dtd`` runs (``mfr eval --instantaneous``), figures in their eval.jsonl;
+- ``cv_sweep``: ``cv/toy2d_*.yaml`` with ``objective.params.beta_cv`` in 0, 0.25, 0.5, 0.75, 1
+  (``toy2d_beta1_anchor`` as written); 1M images per run (the quick CPU look of
+  recipes/README.md) unless ``--full``;
+- ``dmf``: ``digits/flow_matching.yaml``, then ``observation/digits_dmf*.yaml`` initialised from
+  that run (``init_from.path`` points at it).
+
+Each run goes to ``OUT/<group>/<recipe>[-<variant>]-s<seed>`` and is trained with ``mfr run``
+(``run.seed`` set, ``--set`` overrides appended). A run whose newest checkpoint holds the recipe's
+``train.total_images`` is complete and skipped; an interrupted one resumes. After a group, its
+runs are compared (``mfrecipes.evaluate.compare``, seeds grouped) into ``OUT/<group>.md`` (every
+metric of the group), ``.csv`` and ``.png`` (the first metric). ``--dry-run`` prints the plan.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+from typing import Optional
+
+import attrs
+
+GROUPS = ("table3", "table4", "fig2", "fig3", "fig4", "table5", "cv_sweep", "dmf")
+DIGITS_METRICS = ("eval/nfe1/fd_digits", "eval/nfe2/fd_digits")
+TOY_METRICS = ("eval/nfe1/swd", "eval/nfe2/swd")
+EULER_STEPS = (32, 64, 128)
+BETA_CV = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@attrs.frozen
+class Job:
+    """One training run (``kind="train"``) or one evaluation of a trained run (``"eval"``)."""
+
+    group: str
+    name: str
+    recipe: str
+    run_dir: str
+    seed: int
+    overrides: tuple[str, ...] = ()
+    kind: str = "train"
+    eval_args: tuple[str, ...] = ()
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _globs(root: str, *patterns: str) -> list[str]:
+    out: list[str] = []
+    for p in patterns:
+        out += sorted(glob.glob(os.path.join(root, p)))
+    return list(dict.fromkeys(out))
+
+
+def plan(group: str, *, recipes: str, out: str, seeds: list[int], extra: tuple[str, ...] = (),
+         full: bool = False) -> list[Job]:
+    """The jobs of one group, in the order they must run."""
+    jobs: list[Job] = []
+
+    def add(path, seed, overrides=(), variant=""):
+        name = _stem(path) + (f"-{variant}" if variant else "")
+        jobs.append(Job(group, name, path, os.path.join(out, group, f"{name}-s{seed}"), seed,
+                        (f"run.seed={seed}", *overrides, *extra)))
+
+    simple = {"table3": ("digits/table3/*.yaml",), "table4": ("digits/table4/*.yaml",),
+              "fig2": ("digits/fig2_vpre*.yaml", "observation/digits_fig2_vpre*.yaml"),
+              "fig3": ("digits/fig3/*.yaml",),
+              "fig4": ("digits/fig4/*.yaml", "observation/digits_fig4_vpre_gap_*.yaml")}
+    if group in simple:
+        for path in _globs(recipes, *simple[group]):
+            for s in seeds:
+                add(path, s)
+    elif group == "cv_sweep":
+        budget = () if full else ("train.total_images=1000000",)
+        for path in _globs(recipes, "cv/toy2d_*.yaml"):
+            for s in seeds:
+                if "anchor" in _stem(path):
+                    add(path, s, budget)
+                    continue
+                for b in BETA_CV:
+                    add(path, s, (f"objective.params.beta_cv={b}", *budget), f"beta{b:g}")
+    elif group == "dmf":
+        fm = _globs(recipes, "digits/flow_matching.yaml")
+        for s in seeds:
+            for path in fm:
+                add(path, s)
+            fm_dir = jobs[-1].run_dir if fm else None
+            for path in _globs(recipes, "observation/digits_dmf*.yaml"):
+                add(path, s, (f"init_from.path={fm_dir}",) if fm_dir else ())
+    elif group == "table5":
+        for path in _globs(recipes, "digits/table3/meanflow.yaml", "digits/table3/dtd.yaml"):
+            for s in seeds:
+                run_dir = os.path.join(out, "table3", f"{_stem(path)}-s{s}")
+                steps = ",".join(str(k) for k in EULER_STEPS)
+                jobs.append(Job(group, _stem(path), path, run_dir, s, kind="eval",
+                                eval_args=("--instantaneous", "--steps", steps)))
+    else:
+        raise SystemExit(f"error: unknown group {group!r}; valid: {', '.join(GROUPS)}")
+    return jobs
+
+
+def metrics_for(group: str) -> tuple[str, ...]:
+    if group == "cv_sweep":
+        return TOY_METRICS
+    if group == "table5":
+        return tuple(f"eval/euler{k}/fd_digits" for k in EULER_STEPS)
+    return DIGITS_METRICS
+
+
+def total_images(job: Job) -> int:
+    from mfrecipes.recipe import load_recipe
+
+    recipe, _ = load_recipe(job.recipe, list(job.overrides))
+    return recipe.train.total_images
+
+
+def is_complete(job: Job) -> bool:
+    """Training: the newest checkpoint holds the recipe's total images. Evaluation: eval.jsonl
+    already has every metric of the group for the final checkpoint."""
+    from mfrecipes.train.checkpoint import latest_checkpoint, load_meta
+
+    folder = latest_checkpoint(os.path.join(job.run_dir, "checkpoints"))
+    if folder is None:
+        return False
+    images = int(load_meta(folder).get("images", 0))
+    if job.kind == "train":
+        return images >= total_images(job)
+    path = os.path.join(job.run_dir, "eval.jsonl")
+    if not os.path.isfile(path):
+        return False
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("images") == images:
+                seen.update(rec)
+    return set(metrics_for(job.group)) <= seen
+
+
+def command(job: Job) -> list[str]:
+    if job.kind == "eval":
+        return [sys.executable, "-m", "mfrecipes", "eval", job.run_dir, *job.eval_args]
+    return [sys.executable, "-m", "mfrecipes", "run", job.recipe, *job.overrides,
+            "--out", job.run_dir]
+
+
+def report(group: str, jobs: list[Job], out: str) -> Optional[str]:
+    """Compare the group's runs into OUT/<group>.md / .csv / .png; None if nothing to compare."""
+    from mfrecipes.errors import MfrError
+    from mfrecipes.evaluate.compare import compare
+
+    dirs = list(dict.fromkeys(j.run_dir for j in jobs
+                              if os.path.isfile(os.path.join(j.run_dir, "recipe.resolved.yaml"))))
+    if not dirs:
+        return None
+    sections, first = [], None
+    for metric in metrics_for(group):
+        try:
+            cmp = compare(dirs, metric, group_seeds=True)
+        except MfrError:
+            continue
+        first = first or cmp
+        sections.append(cmp.markdown())
+    if first is None:
+        return None
+    base = os.path.join(out, group)
+    os.makedirs(out, exist_ok=True)
+    with open(base + ".md", "w", encoding="utf-8") as f:
+        f.write(f"# {group}\n\n" + "\n".join(sections))
+    with open(base + ".csv", "w", encoding="utf-8") as f:
+        f.write(first.csv())
+    first.plot(base + ".png")
+    return base + ".md"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", help=f"comma-separated groups (default all: {','.join(GROUPS)})")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--out", default=os.path.join("runs", "repro"))
+    p.add_argument("--recipes", default="recipes", help="the recipes folder")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides added to every training run")
+    p.add_argument("--full", action="store_true", help="cv_sweep: the recipes' full budget")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    args = p.parse_args(argv)
+    groups = args.only.split(",") if args.only else list(GROUPS)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        print(f"error: --seeds {args.seeds!r}: expected integers such as 0,1,2", file=sys.stderr)
+        return 2
+    failed = []
+    for group in groups:
+        jobs = plan(group, recipes=args.recipes, out=args.out, seeds=seeds,
+                    extra=tuple(args.set), full=args.full)
+        print(f"== {group}: {len(jobs)} job(s)")
+        for job in jobs:
+            done = is_complete(job)
+            state = "done, skip" if done else "to run"
+            print(f"  [{state}] {job.kind} {job.run_dir}\n      {' '.join(command(job)[1:])}")
+            if done or args.dry_run:
+                continue
+            rc = subprocess.call(command(job))
+            if rc != 0:
+                failed.append(job.run_dir)
+                print(f"  failed (exit {rc}): {job.run_dir}", file=sys.stderr)
+        if not args.dry_run:
+            md = report(group, jobs, args.out)
+            if md:
+                print(f"  report: {md}")
+    if failed:
+        print(f"{len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
