@@ -80,6 +80,40 @@ def test_primal_keeps_fused_kernel_under_jvp():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+def test_tangent_passes_of_the_backbone_keep_fused_kernel():
+    """The DiT under torch.func.jvp and its hand-written forward_jvp (tangents on leading rows),
+    each followed by backward, with only the CPU flash kernel allowed: no math fallback."""
+    from mfrecipes.backbones.dit import DiT
+
+    torch.manual_seed(0)
+    net = DiT((2, 8, 8), 4, depth=2, hidden_size=32, num_heads=4, patch_size=2)
+    with torch.no_grad():  # no zero-init gates: attention must reach the output
+        for p in net.parameters():
+            p.normal_(0.0, 0.1)
+    z, dz = torch.randn(2, 3, 2, 8, 8).unbind(0)
+    t, h, y = torch.rand(3), torch.rand(3) * 0.5, torch.tensor([0, 1, 4])
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        u, _ = torch.func.jvp(lambda a, b, c: net(a, b, c, y), (z, t, h), (dz, torch.ones(3),
+                                                                          torch.ones(3)))
+        u.square().sum().backward()
+        u2, du2 = net.forward_jvp(z, t, h, y, dz[:2], 1.0, 1.0)
+        u2.square().sum().backward()
+    assert du2.shape == (2, 2, 8, 8)
+    qkv_grad = net.blocks[0].attn.qkv.weight.grad
+    assert torch.isfinite(qkv_grad).all() and qkv_grad.abs().max() > 0
+
+
+def test_self_attention_tangent_on_leading_rows(monkeypatch):
+    torch.manual_seed(1)
+    layer = SelfAttention(16, 4).double()
+    x, dx = torch.randn(2, 3, 10, 16, dtype=F64).unbind(0)
+    y, dy = layer.forward_jvp(x, dx[:2])
+    monkeypatch.setattr(attn_mod, "attention", explicit_attention)
+    y_ref, dy_ref = torch.func.jvp(layer, (x,), (dx,))
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dy, dy_ref[:2], rtol=1e-10, atol=1e-12)
+
+
 def _grads(fn, inputs):
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
     out = fn(*leaves)

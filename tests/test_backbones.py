@@ -157,7 +157,8 @@ def test_dit_positions_are_fixed_2d_sincos():
 # -- closed-form tangents of single layers ------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["silu", "gelu_tanh", "layer_norm", "layer_norm_given_xhat",
-                                   "modulate", "linear"])
+                                   "layer_norm_given_rstd", "modulate", "gated_residual",
+                                   "linear"])
 def test_layer_tangents_match_torch_jvp(which):
     g = torch.Generator().manual_seed(1)
     x, dx = torch.randn(2, 3, 5, 8, generator=g, dtype=F64).unbind(0)
@@ -171,12 +172,22 @@ def test_layer_tangents_match_torch_jvp(which):
         "layer_norm_given_xhat": (lambda a: F.layer_norm(a, (8,), eps=1e-6),
                                   lambda: tangents.layer_norm(x, dx, 1e-6,
                                                               F.layer_norm(x, (8,), eps=1e-6))),
+        "layer_norm_given_rstd": (
+            lambda a: F.layer_norm(a, (8,), eps=1e-6),
+            lambda: tangents.layer_norm(x, dx, 1e-6, F.layer_norm(x, (8,), eps=1e-6),
+                                        1 / torch.sqrt(x.var(-1, unbiased=False, keepdim=True)
+                                                       + 1e-6))),
         "linear": (lin, lambda: tangents.linear(lin, dx)),
     }
     if which == "modulate":
         fn = lambda a, s, b: a * (1 + s[:, None]) + b[:, None]  # noqa: E731
         _, ref = torch.func.jvp(fn, (x, scale, shift), (dx, dscale, dshift))
         ours = tangents.modulate(x, dx, scale, dscale, dshift)
+    elif which == "gated_residual":  # x + gate * a, with a = scale-shaped branch output
+        a, da = torch.randn(2, 3, 5, 8, generator=g, dtype=F64).unbind(0)
+        fn = lambda x_, g_, a_: x_ + g_[:, None] * a_  # noqa: E731
+        _, ref = torch.func.jvp(fn, (x, scale, a), (dx, dscale, da))
+        ours = tangents.gated_residual(dx, scale, dscale, a, da)
     else:
         fn, tangent = cases[which]
         _, ref = torch.func.jvp(fn, (x,), (dx,))
@@ -256,3 +267,112 @@ def test_forward_jvp_takes_scalar_time_tangents():
     _, du_scalar = net.forward_jvp(z, t, h, None, dz, 1.0, 1.0)
     _, du_tensor = net.forward_jvp(z, t, h, None, dz, torch.ones_like(t), torch.ones_like(h))
     torch.testing.assert_close(du_scalar, du_tensor, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("labels", [True, False], ids=["labels", "unconditional"])
+@pytest.mark.parametrize("kind", ["dit", "mlp"])
+def test_forward_jvp_on_leading_rows(kind, labels, rows, monkeypatch):
+    """Tangents for the first K rows only: u covers every row (with its graph), du the first K,
+    each equal to the full-batch reference."""
+    net, shape = _tiny(kind, 10 if labels else None)
+    assert type(net).jvp_leading_rows is True
+    z, t, h, y = _inputs(shape, batch=3, dtype=F64)
+    y = y if labels else None
+    dz, dt, dh = _tangents(z, t)
+    u, du = net.forward_jvp(z, t, h, y, dz[:rows], dt[:rows], dh[:rows])
+    assert u.shape == z.shape and du.shape == (rows, *shape)
+    assert u.requires_grad and not du.requires_grad
+    loss_w = torch.linspace(-1, 1, u.numel(), dtype=F64).reshape(u.shape)
+    grads = torch.autograd.grad((u * loss_w).sum(), list(net.parameters()), allow_unused=True)
+
+    monkeypatch.setattr(attn_mod, "attention", explicit_attention)
+    u_ref, du_ref = torch.func.jvp(lambda a, b, c: net(a, b, c, y), (z, t, h), (dz, dt, dh))
+    torch.testing.assert_close(u, u_ref, rtol=1e-12, atol=1e-12)
+    assert du_ref[:rows].abs().max() > 1e-2
+    torch.testing.assert_close(du, du_ref[:rows], rtol=1e-9, atol=1e-11)
+    ref_grads = torch.autograd.grad((u_ref * loss_w).sum(), list(net.parameters()),
+                                    allow_unused=True)
+    for (name, _), g, r in zip(net.named_parameters(), grads, ref_grads):
+        if r is not None:
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_forward_jvp_rejects_tangents_that_do_not_cover_leading_rows():
+    net, shape = _tiny("mlp", None)
+    z, t, h, _ = _inputs(shape, batch=3, dtype=F64)
+    with pytest.raises(ValueError, match="first K <= B rows"):
+        net.forward_jvp(z, t, h, None, torch.zeros(4, *shape, dtype=F64), 1.0, 1.0)
+    with pytest.raises(ValueError, match="first K <= B rows"):
+        net.forward_jvp(z, t, h, None, torch.zeros(3, 5, dtype=F64), 1.0, 1.0)
+
+
+# -- the MeanFlow objective on the real backbones (one call for all rows) -----------------------
+
+def _meanflow_batch(shape, b=9, seed=3, num_classes=10):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, *shape, generator=g, dtype=F64)
+    noise = torch.randn(b, *shape, generator=g, dtype=F64)
+    t = torch.rand(b, generator=g, dtype=F64) * 0.9 + 0.05
+    r = t * torch.rand(b, generator=g, dtype=F64)
+    r[torch.tensor([0, 3, 4, 7])] = t[torch.tensor([0, 3, 4, 7])]  # r = t rows, interleaved
+    y = torch.randint(0, num_classes, (b,), generator=g)
+    return x, y, t, r, noise
+
+
+def _reference_meanflow(net, x, y, t, r, noise, omega, kappa, num_classes):
+    """Every sample written out: CFG mix (MeanFlow Eqs. 19-20) and du/dt by central finite
+    differences along (v_g, 1, 1) in float64; returns (err [B] with graph, target)."""
+    tb = t.reshape(-1, *([1] * (x.dim() - 1)))
+    z, v = (1 - tb) * x + tb * noise, noise - x
+    h = t - r
+    with torch.no_grad():
+        zero = torch.zeros_like(t)
+        u_c = net(z, t, zero, y)
+        u_u = net(z, t, zero, torch.full_like(y, num_classes))
+        v_g = omega * v + kappa * u_c + (1 - omega - kappa) * u_u
+        eps = 1e-6
+        dudt = (net(z + eps * v_g, t + eps, h + eps, y)
+                - net(z - eps * v_g, t - eps, h - eps, y)) / (2 * eps)
+        target = v_g - h.reshape(tb.shape) * dudt
+    u = net(z, t, h, y)
+    return ((u - target) ** 2).flatten(1).sum(1), target
+
+
+@pytest.mark.parametrize("cfg", [{}, {"omega": 2.0}, {"omega": 1.0, "kappa": 0.5}],
+                         ids=["no_cfg", "cfg", "cfg_kappa"])
+@pytest.mark.parametrize("kind", ["dit", "mlp"])
+def test_meanflow_one_call_for_all_rows_matches_reference(kind, cfg):
+    from mfrecipes.objectives.meanflow import MeanFlow
+
+    net, shape = _tiny(kind, 10)
+    x, y, t, r, noise = _meanflow_batch(shape)
+    jvp_rows = []
+    inner = net.forward_jvp
+
+    def spy(z, *rest):
+        jvp_rows.append((z.shape[0], rest[3].shape[0]))  # (primal rows, tangent rows)
+        return inner(z, *rest)
+
+    net.forward_jvp = spy
+    plain_calls = []
+    net.register_forward_pre_hook(lambda mod, args: plain_calls.append(
+        (args[0].shape[0], torch.is_grad_enabled())))
+    out = MeanFlow(num_classes=10, **cfg)(net, x, y, t, r, noise, progress=0.0)
+    # one call for the 9 rows, tangent on the 5 r != t rows; no separate forward with grad
+    assert jvp_rows == [(9, 5)]
+    assert all(not grad for _, grad in plain_calls)
+    w = torch.linspace(0.5, 1.5, 9, dtype=F64)
+    g_ours = torch.autograd.grad((w * out.err).sum(), list(net.parameters()), allow_unused=True)
+    full = MeanFlow(num_classes=10, selective=False, **cfg)(net, x, y, t, r, noise, progress=0.0)
+
+    omega, kappa = cfg.get("omega", 1.0), cfg.get("kappa", 0.0)
+    err_ref, target_ref = _reference_meanflow(net, x, y, t, r, noise, omega, kappa, 10)
+    torch.testing.assert_close(out.target, target_ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.err, err_ref, rtol=1e-6, atol=1e-7)
+    # selective = full JVP on every sample, to float64 round-off
+    torch.testing.assert_close(out.err, full.err, rtol=1e-10, atol=1e-10)
+    g_ref = torch.autograd.grad((w * err_ref).sum(), list(net.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(net.named_parameters(), g_ours, g_ref):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)

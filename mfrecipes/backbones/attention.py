@@ -186,12 +186,14 @@ class SelfAttention(nn.Module):
         return self.proj(self._merge_heads(attention(q, k, v)))
 
     def forward_jvp(self, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(y with graph, dy without graph) for x [B, N, C] and its tangent dx [B, N, C]."""
+        """(y [B, N, C] with graph, dy [K, N, C] without graph) for x [B, N, C] and the tangent
+        dx [K, N, C] of its first K <= B rows."""
+        rows = dx.shape[0]
         q, k, v = self._split_heads(self.qkv(x))
         # Plain SDPA (no forward AD here): fused forward and fused backward, no recompute.
         o = self._merge_heads(F.scaled_dot_product_attention(q, k, v))
         with torch.no_grad():
             dq, dk, dv = self._split_heads(F.linear(dx, self.qkv.weight))
-            do = self._merge_heads(attention_tangent(q, k, v, dq, dk, dv))
+            do = self._merge_heads(attention_tangent(q[:rows], k[:rows], v[:rows], dq, dk, dv))
             dy = F.linear(do, self.proj.weight)
         return self.proj(o), dy

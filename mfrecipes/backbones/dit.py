@@ -20,6 +20,7 @@ from timm.layers import Mlp, PatchEmbed
 from mfrecipes.backbones import tangents
 from mfrecipes.backbones.attention import SelfAttention
 from mfrecipes.backbones.embedders import ConditionEmbedder
+from mfrecipes.backbones.tangents import check_leading_rows
 from mfrecipes.registry import BACKBONES
 
 __all__ = ["DiT", "DiTBlock", "FinalLayer", "sincos_pos_embed_2d", "DIT_SIZES", "dit"]
@@ -75,23 +76,25 @@ class DiTBlock(nn.Module):
         return x
 
     def forward_jvp(self, x, dx, c, dc):
-        """(x_out with graph, dx_out without graph) from x, dx [B, N, C] and c, dc [B, C]."""
+        """(x_out [B, N, C] with graph, dx_out [K, N, C] without graph) from x [B, N, C],
+        c [B, C] and the tangents dx [K, N, C], dc [K, C] of the first K <= B rows."""
+        k = dx.shape[0]
         mod = self.adaLN_modulation(c)
-        with torch.no_grad():
-            dmod = tangents.linear(self.adaLN_modulation[1], tangents.silu(c, dc))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
+        with torch.no_grad():
+            dmod = tangents.linear(self.adaLN_modulation[1], tangents.silu(c[:k], dc))
         dshift_msa, dscale_msa, dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp = dmod.chunk(6, dim=1)
 
         # attention branch
         xn = self.norm1(x)
         a_in = _modulate(xn, shift_msa, scale_msa)
         with torch.no_grad():
-            da_in = tangents.modulate(xn, tangents.layer_norm(x, dx, _LN_EPS, xn),
-                                      scale_msa, dscale_msa, dshift_msa)
+            da_in = tangents.modulate(xn[:k], tangents.layer_norm(x[:k], dx, _LN_EPS, xn[:k]),
+                                      scale_msa[:k], dscale_msa, dshift_msa)
         a, da = self.attn.forward_jvp(a_in, da_in)
         x_mid = x + gate_msa.unsqueeze(1) * a
         with torch.no_grad():
-            dx_mid = dx + dgate_msa.unsqueeze(1) * a + gate_msa.unsqueeze(1) * da
+            dx_mid = tangents.gated_residual(dx, gate_msa[:k], dgate_msa, a[:k], da)
 
         # MLP branch (fc1 -> tanh-GELU -> fc2)
         xn = self.norm2(x_mid)
@@ -100,11 +103,12 @@ class DiTBlock(nn.Module):
         m = self.mlp.fc2(self.mlp.act(pre))
         out = x_mid + gate_mlp.unsqueeze(1) * m
         with torch.no_grad():
-            dm_in = tangents.modulate(xn, tangents.layer_norm(x_mid, dx_mid, _LN_EPS, xn),
-                                      scale_mlp, dscale_mlp, dshift_mlp)
-            dm = tangents.linear(self.mlp.fc2,
-                                 tangents.gelu_tanh(pre, tangents.linear(self.mlp.fc1, dm_in)))
-            dout = dx_mid + dgate_mlp.unsqueeze(1) * m + gate_mlp.unsqueeze(1) * dm
+            dm_in = tangents.modulate(xn[:k], tangents.layer_norm(x_mid[:k], dx_mid, _LN_EPS,
+                                                                  xn[:k]),
+                                      scale_mlp[:k], dscale_mlp, dshift_mlp)
+            dm = tangents.linear(self.mlp.fc2, tangents.gelu_tanh(
+                pre[:k], tangents.linear(self.mlp.fc1, dm_in)))
+            dout = tangents.gated_residual(dx_mid, gate_mlp[:k], dgate_mlp, m[:k], dm)
         return out, dout
 
 
@@ -122,20 +126,24 @@ class FinalLayer(nn.Module):
         return self.linear(_modulate(self.norm_final(x), shift, scale))
 
     def forward_jvp(self, x, dx, c, dc):
+        """As ``DiTBlock.forward_jvp``: tangents dx [K, N, C], dc [K, C] of the first K rows."""
+        k = dx.shape[0]
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         xn = self.norm_final(x)
         out = self.linear(_modulate(xn, shift, scale))
         with torch.no_grad():
             dshift, dscale = tangents.linear(self.adaLN_modulation[1],
-                                             tangents.silu(c, dc)).chunk(2, dim=1)
-            dxm = tangents.modulate(xn, tangents.layer_norm(x, dx, _LN_EPS, xn),
-                                    scale, dscale, dshift)
+                                             tangents.silu(c[:k], dc)).chunk(2, dim=1)
+            dxm = tangents.modulate(xn[:k], tangents.layer_norm(x[:k], dx, _LN_EPS, xn[:k]),
+                                    scale[:k], dscale, dshift)
             dout = tangents.linear(self.linear, dxm)
         return out, dout
 
 
 class DiT(nn.Module):
     """Diffusion Transformer predicting the average velocity u(z, t, h, y), z [B, C, H, W]."""
+
+    jvp_leading_rows = True  # forward_jvp accepts tangents for only the first K rows
 
     def __init__(self, input_shape: Sequence[int], num_classes: Optional[int] = None, *,
                  depth: int = 12, hidden_size: int = 768, num_heads: int = 12,
@@ -205,15 +213,18 @@ class DiT(nn.Module):
     def forward_jvp(self, z: torch.Tensor, t: torch.Tensor, h: torch.Tensor,
                     y: Optional[torch.Tensor], dz: torch.Tensor, dt, dh
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(u, du): u = forward(z, t, h, y) with its autograd graph; du [B, C, H, W] is the
-        derivative of u along (dz, dt, dh), computed in closed form without a graph.
+        """(u, du): u [B, C, H, W] = forward(z, t, h, y) with its autograd graph; du [K, C, H, W]
+        is the derivative of u along (dz, dt, dh) for the first K = len(dz) <= B rows, computed
+        in closed form without a graph (``jvp_leading_rows``).
 
         One pass carries both streams layer by layer, each layer's tangent computed in closed
         form right after its primal (cheaper than ``torch.func.jvp``; attention stays fused).
-        dt and dh are numbers or [B] tensors; MeanFlow passes (dz, dt, dh) = (v, 1, 1).
+        The primal runs on all B rows, so rows that need no derivative share its matmuls.
+        dt and dh are numbers or [K] tensors; MeanFlow passes (dz, dt, dh) = (v, 1, 1).
         Both streams could share one matmul by stacking them along the batch, but that measured
         no faster than two back-to-back matmuls with the same weight, and costs a copy."""
-        dt, dh = tangents.as_time_tangent(dt, t), tangents.as_time_tangent(dh, h)
+        k = check_leading_rows(z, dz)
+        dt, dh = tangents.as_time_tangent(dt, t[:k]), tangents.as_time_tangent(dh, h[:k])
         x = self.x_embedder(z) + self.pos_embed.to(z.dtype)
         with torch.no_grad():
             proj = self.x_embedder.proj

@@ -52,18 +52,21 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
     def forward_jvp(self, t: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(emb [B, hidden] with graph, d emb [B, hidden] without graph) along dt [B]."""
+        """(emb [B, hidden] with graph, d emb [K, hidden] without graph) along the tangent
+        dt [K] of the first K <= B rows."""
         lin1, _, lin2 = self.mlp
         args = _angles(t, self.frequency_dim, self.max_period)  # [B, dim/2]
         feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(lin1.weight.dtype)
         pre = lin1(feats)
         out = lin2(F.silu(pre))
         with torch.no_grad():
+            k = dt.shape[0]
             # d/dt [cos(t f), sin(t f)] = [-sin(t f) f, cos(t f) f]
             dargs = _angles(dt, self.frequency_dim, self.max_period)
-            dfeats = torch.cat([-torch.sin(args) * dargs, torch.cos(args) * dargs], dim=-1)
+            dfeats = torch.cat([-torch.sin(args[:k]) * dargs, torch.cos(args[:k]) * dargs],
+                               dim=-1)
             dpre = tangents.linear(lin1, dfeats.to(pre.dtype))
-            dout = tangents.linear(lin2, tangents.silu(pre, dpre))
+            dout = tangents.linear(lin2, tangents.silu(pre[:k], dpre))
         return out, dout
 
 
@@ -110,7 +113,8 @@ class ConditionEmbedder(nn.Module):
 
     def forward_jvp(self, t: torch.Tensor, h: torch.Tensor, y: Optional[torch.Tensor],
                     dt: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(c with graph, dc without graph); dt enters through emb_t, dh through emb_h."""
+        """(c [B, hidden] with graph, dc [K, hidden] without graph) for tangents dt, dh [K] of
+        the first K <= B rows; dt enters through emb_t, dh through emb_h."""
         ct, dct = self.t_embedder.forward_jvp(t, dt)
         ch, dch = self.h_embedder.forward_jvp(h, dh)
         c = ct + ch

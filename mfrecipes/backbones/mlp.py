@@ -22,6 +22,8 @@ __all__ = ["MLP"]
 class MLP(nn.Module):
     """MLP for flat points: `depth` SiLU layers of width `hidden`, conditioned on (t, h, y)."""
 
+    jvp_leading_rows = True  # forward_jvp accepts tangents for only the first K rows
+
     def __init__(self, hidden: int = 128, depth: int = 3, *, input_shape: Sequence[int],
                  num_classes: Optional[int] = None):
         super().__init__()
@@ -51,16 +53,18 @@ class MLP(nn.Module):
     def forward_jvp(self, z: torch.Tensor, t: torch.Tensor, h: torch.Tensor,
                     y: Optional[torch.Tensor], dz: torch.Tensor, dt, dh
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(u with graph, du without graph): u = forward(z, t, h, y), du its derivative along
-        (dz, dt, dh)."""
-        dt, dh = tangents.as_time_tangent(dt, t), tangents.as_time_tangent(dh, h)
+        """(u [B, D] with graph, du [K, D] without graph): u = forward(z, t, h, y), du its
+        derivative along (dz, dt, dh) for the first K = len(dz) <= B rows (``jvp_leading_rows``);
+        dt and dh are numbers or [K] tensors."""
+        k = tangents.check_leading_rows(z, dz)
+        dt, dh = tangents.as_time_tangent(dt, t[:k]), tangents.as_time_tangent(dh, h[:k])
         c, dc = self.cond.forward_jvp(t, h, y, dt, dh)
         x, dx = z, dz
         for layer in self.layers:
             pre = layer(x) + c
             x = F.silu(pre)
             with torch.no_grad():
-                dx = tangents.silu(pre, tangents.linear(layer, dx) + dc)
+                dx = tangents.silu(pre[:k], tangents.linear(layer, dx) + dc)
         with torch.no_grad():
             du = tangents.linear(self.out, dx)
         return self.out(x), du

@@ -6,8 +6,11 @@
 
 The prediction u is the primal output of the JVP call, so one call gives both. Samples with r = t
 reduce to flow matching (Eq. 5): their JVP term is multiplied by 0, so the selective path runs the
-tangent pass only on the r != t samples and a plain forward on the others (same loss, same
-gradients, about one forward-equivalent less per r = t sample).
+tangent pass only on the r != t samples (same loss, same gradients). With a backbone that takes
+tangents for leading rows (``jvp_leading_rows``, the built-in DiT and MLP) the r = t samples ride
+in the same call as the primal of the r != t samples, so a step costs one batched forward and
+backward, as in flow matching, plus a tangent pass on the r != t rows; other backbones get a
+separate plain forward for the r = t samples.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from mfrecipes.objectives.base import (
 )
 from mfrecipes.objectives.control_variate import ControlVariate
 from mfrecipes.objectives.guidance import Guidance
-from mfrecipes.objectives.jvp import JVP_IMPLS, jvp_forward, jvp_precision
+from mfrecipes.objectives.jvp import JVP_IMPLS, jvp_forward, jvp_precision, takes_leading_rows
 from mfrecipes.registry import OBJECTIVES
 
 __all__ = ["MeanFlow"]
@@ -55,6 +58,8 @@ class MeanFlow:
     Parameters
     ----------
     selective: run the tangent pass only on the r != t samples (identical loss; faster).
+        ``jvp_dtype`` = None with ``jvp_impl`` "auto" or "manual" on a ``jvp_leading_rows``
+        backbone runs all rows in one call; otherwise the r = t rows get their own forward.
     jvp_impl: "auto" (the backbone's ``forward_jvp`` when it has one, else ``torch.func.jvp``),
         "torch_func", or "manual" (``forward_jvp``; falls back to ``torch.func.jvp`` without it).
     jvp_dtype: None keeps the ambient precision; "float32" computes the JVP and the target with
@@ -154,9 +159,16 @@ class MeanFlow:
         uncond_idx = _rows(guided) if guided is not None else cond_idx[:0]
         u_cond, u_uncond = g.forwards(net, z, t, y, cond_idx, uncond_idx, self.num_classes)
 
+        # One call for the whole batch when the backbone takes tangents for leading rows: r != t
+        # rows first, so the r = t rows share the primal's matmuls and its autograd graph.
+        fuse = (len(jvp_idx) > 0 and len(plain_idx) > 0 and self.jvp_dtype is None
+                and takes_leading_rows(net, self.jvp_impl))
+        order = torch.cat([jvp_idx, plain_idx])
+        n_jvp = len(jvp_idx)
+
         # -- JVP rows: prediction and total derivative from one call
         parts_u, parts_tgt = [], []
-        if len(jvp_idx):
+        if n_jvp:
             v_j = v[jvp_idx]
             v_g_j = v_j if guided is None else g.mix(v_j, u_cond[jvp_idx], u_uncond[jvp_idx],
                                                      guided[jvp_idx])
@@ -171,21 +183,26 @@ class MeanFlow:
                 # control variate (Lu & Wang): only the tangent is mixed, the target keeps v_g
                 tangent = (1 - beta) * v_g_j + beta * proxy
             with jvp_precision(self.jvp_dtype, z.device.type) as cast:
-                zj, tj, hj, tangent_j, v_g_c = z[jvp_idx], t[jvp_idx], h[jvp_idx], tangent, v_g_j
+                rows = order if fuse else jvp_idx
+                zj, tj, hj, tangent_j, v_g_c = z[rows], t[rows], h[rows], tangent, v_g_j
                 if cast is not None:
                     zj, tj, hj, tangent_j, v_g_c = (a.to(cast)
                                                     for a in (zj, tj, hj, tangent_j, v_g_c))
-                ones = torch.ones_like(tj)
+                ones = torch.ones_like(tj[:n_jvp])
                 # h = t - r is formed from (t, r) with tangents (1, 0): its tangent is 1 (METHOD 2)
-                u_j, dudt = jvp_forward(net, zj, tj, hj, _take(y, jvp_idx), tangent_j, ones, ones,
-                                        impl=self.jvp_impl)
-                tgt_j = v_g_c - as_batch(hj, dudt) * dudt  # MeanFlow identity target (Eq. 4)
+                u_rows, dudt = jvp_forward(net, zj, tj, hj, _take(y, rows), tangent_j, ones,
+                                           ones, impl=self.jvp_impl)  # u [len(rows)], du [K]
+                tgt_j = v_g_c - as_batch(hj[:n_jvp], dudt) * dudt  # MeanFlow identity (Eq. 4)
+            u_j = u_rows[:n_jvp]
+            if fuse:
+                u_p = u_rows[n_jvp:]
             parts_u.append(u_j)
             parts_tgt.append(tgt_j.detach())
 
         # -- r = t rows (selective path): plain forward, target v_g (Eq. 5)
         if len(plain_idx):
-            u_p = net(z[plain_idx], t[plain_idx], h[plain_idx], _take(y, plain_idx))
+            if not fuse:
+                u_p = net(z[plain_idx], t[plain_idx], h[plain_idx], _take(y, plain_idx))
             if guided is not None and g.needs_cond:
                 u_cond[plain_idx] = u_p.detach().to(z.dtype)  # u(z_t, t, t) is u_cond itself
             if self.jvp_dtype is not None:
@@ -196,7 +213,7 @@ class MeanFlow:
         v_g = v if guided is None else g.mix(v, u_cond, u_uncond, guided)   # [B, ...]
         if len(plain_idx):
             parts_tgt[-1] = v_g[plain_idx].to(parts_u[-1].dtype)
-        inverse = torch.argsort(torch.cat([jvp_idx, plain_idx]))
+        inverse = torch.argsort(order)
         u = torch.cat(parts_u)[inverse]                    # [B, ...] back in batch order
         target = torch.cat(parts_tgt)[inverse].detach()
 
