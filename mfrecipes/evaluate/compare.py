@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 import attrs
 
 from mfrecipes.errors import RecipeError
+from mfrecipes.train.log import read_jsonl
 
 __all__ = ["RunCurve", "load_run_curve", "flatten", "differing_keys", "compare",
            "Comparison", "lower_is_better", "images_to_threshold", "SEED_KEYS"]
@@ -55,18 +56,6 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    out = []
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line cut by a crash
-    return out
-
-
 @attrs.frozen
 class RunCurve:
     """One run: its flattened recipe and the metric's ``(images, value)`` points, in order."""
@@ -86,7 +75,7 @@ def load_run_curve(run_dir: str, metric: str) -> RunCurve:
     recipe = flatten(read_yaml(path))
     pts: dict[int, float] = {}
     for source in ("eval.jsonl", "metrics.jsonl"):   # metrics.jsonl wins on equal images
-        for rec in _read_jsonl(os.path.join(run_dir, source)):
+        for rec in read_jsonl(os.path.join(run_dir, source)):
             v = rec.get(metric)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
                     and "images" in rec:

@@ -40,8 +40,8 @@ def truncate_metrics(run_dir: str, images: int) -> None:
     os.replace(tmp, path)
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, METRICS)
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines file (missing file: none; a line cut by a crash: skipped)."""
     out = []
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
@@ -51,6 +51,7 @@ def read_metrics(run_dir: str) -> list[dict]:
                 except json.JSONDecodeError:
                     pass
     return out
+
 
 
 class RunLogger:
