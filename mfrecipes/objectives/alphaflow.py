@@ -36,7 +36,7 @@ from mfrecipes.objectives.base import (
     to_floats,
 )
 from mfrecipes.objectives.guidance import Guidance
-from mfrecipes.objectives.meanflow import MeanFlow
+from mfrecipes.objectives.meanflow import MeanFlow, inner_meanflow
 from mfrecipes.registry import OBJECTIVES
 
 __all__ = ["AlphaFlow"]
@@ -79,11 +79,7 @@ class AlphaFlow:
 
     @_meanflow.default
     def _make_meanflow(self) -> MeanFlow:
-        # validates the shared settings (guidance, JVP, num_classes) once
-        return MeanFlow(selective=self.selective, jvp_impl=self.jvp_impl,
-                        jvp_dtype=self.jvp_dtype, omega=self.omega, kappa=self.kappa,
-                        t_start=self.t_start, t_end=self.t_end,
-                        class_dropout=self.class_dropout, num_classes=self.num_classes)
+        return inner_meanflow(self)  # validates the shared settings once
 
     def __attrs_post_init__(self) -> None:
         if self.alpha is not None and not 0 <= self.alpha <= 1:

@@ -37,7 +37,7 @@ from mfrecipes.objectives.guidance import Guidance
 from mfrecipes.objectives.jvp import JVP_IMPLS, jvp_forward, jvp_precision, takes_leading_rows
 from mfrecipes.registry import OBJECTIVES
 
-__all__ = ["MeanFlow"]
+__all__ = ["MeanFlow", "inner_meanflow", "SHARED_SETTINGS"]
 
 JVP_DTYPES = (None, "float32")
 
@@ -249,3 +249,14 @@ class MeanFlow:
             stats["cv_ema_fallback"] = float(ema_fallback)
         return ObjectiveOutput(err=err, is_average=is_avg, u=u_d, target=target,
                                diagnostics=to_floats(stats))
+
+
+# The MeanFlow settings that objectives built around a MeanFlow target (AlphaFlow's alpha = 0
+# fallback, discrete MeanFlow's last stage) declare under the same names and hand through.
+SHARED_SETTINGS = ("selective", "jvp_impl", "jvp_dtype", "omega", "kappa", "t_start", "t_end",
+                   "class_dropout", "num_classes")
+
+
+def inner_meanflow(owner) -> MeanFlow:
+    """A ``MeanFlow`` with ``owner``'s shared settings (validated by its constructor)."""
+    return MeanFlow(**{name: getattr(owner, name) for name in SHARED_SETTINGS})
