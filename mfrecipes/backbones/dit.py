@@ -15,7 +15,6 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Mlp, PatchEmbed
 
 from mfrecipes.backbones import tangents
 from mfrecipes.backbones.attention import SelfAttention
@@ -64,6 +63,8 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=_LN_EPS)
         self.attn = SelfAttention(hidden_size, num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=_LN_EPS)
+        from timm.layers import Mlp  # imported on first build: timm pulls in torchvision (~2 s)
+
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=_gelu_tanh)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -163,6 +164,8 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.patch_size = patch_size
         self.grid = (height // patch_size, width // patch_size)
+
+        from timm.layers import PatchEmbed
 
         self.x_embedder = PatchEmbed((height, width), patch_size, channels, hidden_size, bias=True)
         self.cond = ConditionEmbedder(hidden_size, num_classes)
