@@ -1,6 +1,7 @@
 """Shared test set-up: a per-session cache directory, so tests never touch the user's cache."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -23,3 +24,11 @@ def _session_cache(tmp_path_factory):
 @pytest.fixture
 def repo_root() -> str:
     return REPO
+
+
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` (the tools are scripts, not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,7 +2,6 @@
 reference, its peak-memory measurement, and its user errors. Timings are not asserted (noise)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -10,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import REPO, load_tool
+
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "recipes", "toy2d_meanflow.yaml")
 QUICK = os.path.join(REPO, "recipes", "quickstart.yaml")
 F64 = torch.float64
@@ -20,11 +20,7 @@ F64 = torch.float64
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_step", os.path.join(REPO, "tools", "bench_step.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_step")
 
 
 def _run_json(bench, capsys, *argv):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -14,7 +13,8 @@ import yaml
 from mfrecipes.errors import RecipeError
 from mfrecipes.evaluate.compare import compare, images_to_threshold, lower_is_better
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_tool
+
 M = "eval/nfe1/fd_digits"
 
 
@@ -88,10 +88,7 @@ def test_group_seeds_mean_std(runs):
 
 
 def test_writers_and_tool(runs, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "compare_recipes", os.path.join(REPO, "tools", "compare_recipes.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("compare_recipes")
     md, cs, png = (str(tmp_path / n) for n in ("o.md", "o.csv", "o.png"))
     assert tool.main([*runs, "--metric", M, "--threshold", "20", "--group-seeds", "--md", md,
                       "--csv", cs, "--plot", png]) == 0

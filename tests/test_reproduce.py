@@ -2,23 +2,19 @@
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, load_tool
+
 RECIPES = os.path.join(REPO, "recipes")
 
 
 @pytest.fixture(scope="module")
 def repro():
-    spec = importlib.util.spec_from_file_location(
-        "reproduce", os.path.join(REPO, "tools", "reproduce.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("reproduce")
 
 
 def test_plan_globs_recipes_and_seeds(repro, tmp_path):

@@ -2,7 +2,6 @@
 loss (torch.func.jvp) in float64; identical losses give 1; the tool on a tiny run."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -13,7 +12,8 @@ from torch import nn
 from mfrecipes.errors import RecipeError
 from mfrecipes.evaluate.task_affinity import parse_gap_ranges, task_affinity
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, load_tool
+
 F64 = torch.float64
 
 
@@ -122,10 +122,7 @@ def test_tool_on_a_tiny_run(tmp_path, capsys):
         "eval.at_end=false", "train.progress_bar=false", "run.device=cpu"])
     run = str(tmp_path / "toy")
     train(recipe, data, run)
-    spec = importlib.util.spec_from_file_location(
-        "task_affinity_tool", os.path.join(REPO, "tools", "task_affinity.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("task_affinity")
     code = tool.main([run, "--gap-ranges", "0:0,0.5:0.7", "--num-batches", "2",
                       "--batch-size", "32", "--weights", "raw", "--device", "cpu", "--json"])
     out = json.loads(capsys.readouterr().out)
