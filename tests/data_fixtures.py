@@ -13,13 +13,9 @@ import numpy as np
 import torch
 
 
-def write_wds_shards(folder, n: int, per_shard: int, *, manifest: bool = True,
-                     bad: set[int] = frozenset()) -> list[str]:
-    """Write ``n`` samples into ``shard-%06d.tar`` files of ``per_shard``; returns the paths.
-
-    ``bad``: indices whose ``x.npy`` is replaced by garbage bytes. ``manifest``: also write a
-    ``manifest.json`` (by hand, in the documented format) with the per-shard counts.
-    """
+def _write_tars(folder, n: int, per_shard: int, sample, header: dict | None) -> list[str]:
+    """``n`` samples ``sample(i) -> dict`` into ``shard-%06d.tar`` files of ``per_shard``, and a
+    ``manifest.json`` of ``header`` plus the per-shard counts (none when ``header`` is None)."""
     import webdataset as wds
 
     os.makedirs(folder, exist_ok=True)
@@ -28,18 +24,31 @@ def write_wds_shards(folder, n: int, per_shard: int, *, manifest: bool = True,
         path = os.path.join(folder, f"shard-{s:06d}.tar")
         with wds.TarWriter(path) as w:
             for i in range(lo, min(n, lo + per_shard)):
-                x = b"definitely not an npy file" if i in bad else \
-                    np.array([i, -i], dtype=np.float32)
-                w.write({"__key__": f"{i:08d}", "x.npy": x, "cls": i % 10})
+                w.write({"__key__": f"{i:08d}", **sample(i), "cls": i % 10})
         paths.append(path)
         entries.append({"name": os.path.basename(path), "count": min(n, lo + per_shard) - lo,
                         "bytes": os.path.getsize(path)})
-    if manifest:
+    if header is not None:
         with open(os.path.join(folder, "manifest.json"), "w") as f:
-            json.dump({"format": "mfrecipes-shards", "version": 1, "created_by": "test",
-                       "name": "ids", "key": "x.npy", "modality": "points",
-                       "sample_shape": [2], "num_classes": 10, "shards": entries}, f)
+            json.dump({"format": "mfrecipes-shards", "version": 1, **header,
+                       "shards": entries}, f)
     return paths
+
+
+def write_wds_shards(folder, n: int, per_shard: int, *, manifest: bool = True,
+                     bad: set[int] = frozenset()) -> list[str]:
+    """Write ``n`` samples into ``shard-%06d.tar`` files of ``per_shard``; returns the paths.
+
+    ``bad``: indices whose ``x.npy`` is replaced by garbage bytes. ``manifest``: also write a
+    ``manifest.json`` (by hand, in the documented format) with the per-shard counts.
+    """
+    def sample(i):
+        return {"x.npy": b"definitely not an npy file" if i in bad else
+                np.array([i, -i], dtype=np.float32)}
+
+    header = {"created_by": "test", "name": "ids", "key": "x.npy", "modality": "points",
+              "sample_shape": [2], "num_classes": 10}
+    return _write_tars(folder, n, per_shard, sample, header if manifest else None)
 
 
 def ids(x: torch.Tensor) -> list[int]:
@@ -182,28 +191,16 @@ def write_latent_shards(folder, n: int, per_shard: int, *, shape=(2, 3, 3), scal
     Sample ``i``: ``mean = i`` everywhere, ``std = 0`` at ``[0, 0, 0]`` (so ``x[0, 0, 0] / scale``
     is ``i`` exactly) and ``0.5 + i / 100`` elsewhere; ``cls = i % 10``.
     """
-    import webdataset as wds
+    def sample(i):
+        mean = np.full(shape, i, np.float32)
+        std = np.full(shape, 0.5 + i / 100, np.float32)
+        std[0, 0, 0] = 0
+        return {"latent.npy": np.stack([mean, std])}
 
-    os.makedirs(folder, exist_ok=True)
-    paths, entries = [], []
-    for s, lo in enumerate(range(0, n, per_shard)):
-        path = os.path.join(folder, f"shard-{s:06d}.tar")
-        with wds.TarWriter(path) as w:
-            for i in range(lo, min(n, lo + per_shard)):
-                mean = np.full(shape, i, np.float32)
-                std = np.full(shape, 0.5 + i / 100, np.float32)
-                std[0, 0, 0] = 0
-                w.write({"__key__": f"{i:08d}", "latent.npy": np.stack([mean, std]),
-                         "cls": i % 10})
-        paths.append(path)
-        entries.append({"name": os.path.basename(path), "count": min(n, lo + per_shard) - lo})
-    if manifest:
-        with open(os.path.join(folder, "manifest.json"), "w") as f:
-            json.dump({"format": "mfrecipes-shards", "version": 1, "name": "lat",
-                       "key": "latent.npy", "modality": "latent", "sample_shape": list(shape),
-                       "num_classes": 10, "layout": "mean_std", "latent_scale": scale,
-                       "vae": "some/vae", "shards": entries}, f)
-    return paths
+    header = {"name": "lat", "key": "latent.npy", "modality": "latent",
+              "sample_shape": list(shape), "num_classes": 10, "layout": "mean_std",
+              "latent_scale": scale, "vae": "some/vae"}
+    return _write_tars(folder, n, per_shard, sample, header if manifest else None)
 
 
 def latent_ids_and_noise(x: torch.Tensor, scale: float = 0.5) -> tuple[list[int], torch.Tensor]:
