@@ -36,7 +36,7 @@ from mfrecipes.objectives.base import (
     to_floats,
 )
 from mfrecipes.objectives.guidance import Guidance
-from mfrecipes.objectives.meanflow import MeanFlow, inner_meanflow
+from mfrecipes.objectives.meanflow import MeanFlow, MeanFlowBased
 from mfrecipes.registry import OBJECTIVES
 
 __all__ = ["AlphaFlow"]
@@ -44,7 +44,7 @@ __all__ = ["AlphaFlow"]
 
 @OBJECTIVES.register("alphaflow")
 @attrs.frozen
-class AlphaFlow:
+class AlphaFlow(MeanFlowBased):
     """AlphaFlow: alpha-interpolated consistency target, sigmoid curriculum from FM to MeanFlow.
 
     Parameters
@@ -66,20 +66,6 @@ class AlphaFlow:
     snap: float = 5e-3
     target_clamp: Optional[float] = 4.0
     scale_err_by_alpha: bool = False
-    selective: bool = True
-    jvp_impl: str = "auto"
-    jvp_dtype: Optional[str] = None
-    omega: float = 1.0
-    kappa: float = 0.0
-    t_start: float = 0.0
-    t_end: float = 1.0
-    class_dropout: float = 0.0
-    num_classes: Optional[int] = None
-    _meanflow: MeanFlow = attrs.field(init=False, repr=False, eq=False)
-
-    @_meanflow.default
-    def _make_meanflow(self) -> MeanFlow:
-        return inner_meanflow(self)  # validates the shared settings once
 
     def __attrs_post_init__(self) -> None:
         if self.alpha is not None and not 0 <= self.alpha <= 1:

@@ -53,7 +53,7 @@ from mfrecipes.objectives.base import (
     to_floats,
 )
 from mfrecipes.objectives.guidance import Guidance
-from mfrecipes.objectives.meanflow import MeanFlow, inner_meanflow
+from mfrecipes.objectives.meanflow import MeanFlow, MeanFlowBased
 from mfrecipes.registry import OBJECTIVES
 
 __all__ = ["DiscreteMeanFlow", "back_time"]
@@ -80,7 +80,7 @@ def back_time(t: torch.Tensor, r: torch.Tensor, i: int, q: float, *, dagger: boo
 
 @OBJECTIVES.register("discrete_meanflow")
 @attrs.frozen
-class DiscreteMeanFlow:
+class DiscreteMeanFlow(MeanFlowBased):
     """Discrete MeanFlow curriculum: FM, then finite-difference targets, then MeanFlow (no JVP
     before the last stage).
 
@@ -103,20 +103,6 @@ class DiscreteMeanFlow:
     dagger: bool = False
     eps: float = 1e-3
     stage: Optional[int] = None
-    selective: bool = True
-    jvp_impl: str = "auto"
-    jvp_dtype: Optional[str] = None
-    omega: float = 1.0
-    kappa: float = 0.0
-    t_start: float = 0.0
-    t_end: float = 1.0
-    class_dropout: float = 0.0
-    num_classes: Optional[int] = None
-    _meanflow: MeanFlow = attrs.field(init=False, repr=False, eq=False)
-
-    @_meanflow.default
-    def _make_meanflow(self) -> MeanFlow:
-        return inner_meanflow(self)  # validates the shared settings once
 
     def __attrs_post_init__(self) -> None:
         if isinstance(self.K, bool) or not isinstance(self.K, int) or self.K < 2:

@@ -37,7 +37,7 @@ from mfrecipes.objectives.guidance import Guidance
 from mfrecipes.objectives.jvp import JVP_IMPLS, jvp_forward, jvp_precision, takes_leading_rows
 from mfrecipes.registry import OBJECTIVES
 
-__all__ = ["MeanFlow", "inner_meanflow", "SHARED_SETTINGS"]
+__all__ = ["MeanFlow", "MeanFlowBased", "MeanFlowSettings"]
 
 JVP_DTYPES = (None, "float32")
 
@@ -50,9 +50,25 @@ def _take(x: Optional[torch.Tensor], idx: torch.Tensor) -> Optional[torch.Tensor
     return None if x is None else x[idx]
 
 
+@attrs.frozen
+class MeanFlowSettings:
+    """The guidance and JVP settings of MeanFlow, shared by name with the objectives built
+    around a MeanFlow target (see ``MeanFlowBased``)."""
+
+    selective: bool = True
+    jvp_impl: str = "auto"
+    jvp_dtype: Optional[str] = None
+    omega: float = 1.0
+    kappa: float = 0.0
+    t_start: float = 0.0
+    t_end: float = 1.0
+    class_dropout: float = 0.0
+    num_classes: Optional[int] = None
+
+
 @OBJECTIVES.register("meanflow")
 @attrs.frozen
-class MeanFlow:
+class MeanFlow(MeanFlowSettings):
     """MeanFlow: JVP target (Eq. 4), CFG-mixed targets, selective JVP, control-variate tangent.
 
     Parameters
@@ -82,14 +98,6 @@ class MeanFlow:
     num_classes: set by the framework from the dataset (None: unconditional).
     """
 
-    selective: bool = True
-    jvp_impl: str = "auto"
-    jvp_dtype: Optional[str] = None
-    omega: float = 1.0
-    kappa: float = 0.0
-    t_start: float = 0.0
-    t_end: float = 1.0
-    class_dropout: float = 0.0
     v_noise: float = 0.0
     beta_cv: float = 0.0
     beta_cv_source: str = "ema"
@@ -98,7 +106,6 @@ class MeanFlow:
     beta_cv_s1: float = 1.0
     fm_anchor_weight: float = 0.0
     fm_anchor_delta: float = 1e-3
-    num_classes: Optional[int] = None
     _guidance: Guidance = attrs.field(init=False, repr=False, eq=False)
     _cv: ControlVariate = attrs.field(init=False, repr=False, eq=False)
 
@@ -251,12 +258,16 @@ class MeanFlow:
                                diagnostics=to_floats(stats))
 
 
-# The MeanFlow settings that objectives built around a MeanFlow target (AlphaFlow's alpha = 0
-# fallback, discrete MeanFlow's last stage) declare under the same names and hand through.
-SHARED_SETTINGS = ("selective", "jvp_impl", "jvp_dtype", "omega", "kappa", "t_start", "t_end",
-                   "class_dropout", "num_classes")
 
+@attrs.frozen
+class MeanFlowBased(MeanFlowSettings):
+    """Base of objectives built around a MeanFlow target (AlphaFlow's alpha = 0 fallback,
+    discrete MeanFlow's last stage): MeanFlow's settings and the inner ``MeanFlow`` they make
+    (which validates them once)."""
 
-def inner_meanflow(owner) -> MeanFlow:
-    """A ``MeanFlow`` with ``owner``'s shared settings (validated by its constructor)."""
-    return MeanFlow(**{name: getattr(owner, name) for name in SHARED_SETTINGS})
+    _meanflow: MeanFlow = attrs.field(init=False, repr=False, eq=False)
+
+    @_meanflow.default
+    def _make_meanflow(self) -> MeanFlow:
+        names = [f.name for f in attrs.fields(MeanFlowSettings)]
+        return MeanFlow(**{name: getattr(self, name) for name in names})
