@@ -110,3 +110,68 @@ def test_one_tiny_group_runs_skips_and_reports(repro, tmp_path, capsys):
     assert repro.main(argv) == 0
     assert "[done, skip]" in capsys.readouterr().out
     assert os.path.getmtime(run_dir / "metrics.jsonl") == mtime
+
+
+def test_scale_multiplies_every_image_count(repro):
+    from mfrecipes.recipe import load_recipe
+
+    for group, name in (("fig2", "digits_fig2_vpre50k"), ("table3", "meanflow")):
+        full = next(j for j in repro.plan(group, recipes=RECIPES, out="o", seeds=[0])
+                    if j.name == name)
+        half = next(j for j in repro.plan(group, recipes=RECIPES, out="o", seeds=[0], scale=0.5)
+                    if j.name == name)
+        a, _ = load_recipe(full.recipe, list(full.overrides))
+        b, _ = load_recipe(half.recipe, list(half.overrides))
+        assert b.train.total_images == round(a.train.total_images / 2)
+        assert b.train.checkpoint_every_images == round(a.train.checkpoint_every_images / 2)
+        assert b.eval.every_images == round(a.eval.every_images / 2)
+        assert b.train.log_every_images == round(a.train.log_every_images / 2)
+        assert [s.images for s in b.stages] == [round(s.images / 2) for s in a.stages]
+        assert [s.overrides for s in b.stages] == [s.overrides for s in a.stages]
+        if a.stages:
+            assert sum(s.images for s in b.stages) == b.train.total_images
+        assert repro.total_images(half) == b.train.total_images
+
+
+def test_select_and_bad_arguments(repro, tmp_path, capsys):
+    argv = ["--only", "table3,fig3", "--seeds", "0,1", "--out", str(tmp_path / "o"),
+            "--recipes", RECIPES, "--dry-run", "--select", "table3/dtd*"]
+    assert repro.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "table3/dtd-s1" in text and "table3/dtd_beta-s0" in text
+    assert "meanflow-s" not in text and "== fig3: 0 job(s)" in text
+    for bad in (["--scale", "0"], ["--jobs", "0"], ["--seeds", "a"]):
+        assert repro.main(["--dry-run", *bad]) == 2
+        assert "error: --" in capsys.readouterr().err
+
+
+TINY_FM = TINY.replace("name: tiny,", "name: tiny_fm,") + (
+    "objective: {name: flow_matching, params: {}}\n"
+    "timestep_sampler: {name: logit_normal, params: {fm_ratio: 1.0}}\n")
+TINY_DMF = TINY.replace("name: tiny,", "name: tiny_dmf,") + (
+    "init_from: {path: does/not/exist/yet, weights: ema}\n"
+    "objective: {name: discrete_meanflow, params: {K: 2}}\n")
+
+
+def test_parallel_jobs_wait_for_the_runs_they_read(repro, tmp_path, capsys):
+    """--jobs 2 on the dmf group: the DMF runs start from the flow-matching run, so they wait
+    for it (mfr run refuses an init_from that does not exist), then run side by side."""
+    root = tmp_path / "recipes"
+    (root / "digits").mkdir(parents=True)
+    (root / "observation").mkdir()
+    (root / "digits" / "flow_matching.yaml").write_text(TINY_FM)
+    (root / "observation" / "digits_dmf.yaml").write_text(TINY_DMF)
+    (root / "observation" / "digits_dmf_dagger.yaml").write_text(
+        TINY_DMF.replace("K: 2}", "K: 2, dagger: true}"))
+    out = tmp_path / "out"
+    argv = ["--only", "dmf", "--recipes", str(root), "--out", str(out), "--seeds", "0",
+            "--jobs", "2"]
+    assert repro.main(argv) == 0
+    text = capsys.readouterr().out
+    fm_done = text.index("[done] " + str(out / "dmf" / "flow_matching-s0"))
+    for name in ("digits_dmf-s0", "digits_dmf_dagger-s0"):
+        run_dir = out / "dmf" / name
+        assert text.index("[started] " + str(run_dir)) > fm_done
+        assert (run_dir / "checkpoints" / "latest").is_file()
+        assert (out / "logs" / "dmf" / f"{name}.log").is_file()
+    assert "dmf" in (out / "dmf.md").read_text()

@@ -1,7 +1,8 @@
 """Small-scale reproduction of the paper's figures and tables: train every run, then compare.
 
     python tools/reproduce.py [--only GROUP[,GROUP]] [--seeds 0,1,2] [--out runs/repro]
-        [--recipes recipes] [--set key=value ...] [--full] [--dry-run]
+        [--recipes recipes] [--set key=value ...] [--scale F] [--select GLOB[,GLOB]]
+        [--jobs N] [--full] [--dry-run]
 
 Groups (recipes are globbed when the plan is made, so new recipe files join automatically):
 
@@ -21,18 +22,30 @@ Groups (recipes are globbed when the plan is made, so new recipe files join auto
 
 Each run goes to ``OUT/<group>/<recipe>[-<variant>]-s<seed>`` and is trained with ``mfr run``
 (``run.seed`` set, ``--set`` overrides appended). A run whose newest checkpoint holds the recipe's
-``train.total_images`` is complete and skipped; an interrupted one resumes. After a group, its
-runs are compared (``mfrecipes.evaluate.compare``, seeds grouped) into ``OUT/<group>.md`` (every
-metric of the group), ``.csv`` and ``.png`` (the first metric). ``--dry-run`` prints the plan.
+``train.total_images`` is complete and skipped; an interrupted one resumes. When all runs of a
+group are done, they are compared (``mfrecipes.evaluate.compare``, seeds grouped) into
+``OUT/<group>.md`` (every metric of the group), ``.csv`` and ``.png`` (the first metric).
+``--dry-run`` prints the plan.
+
+``--scale F`` multiplies every image count of a training run by F: the budget, each stage's
+images and the log, checkpoint and evaluation cadences (the components see training progress,
+not image counts, so curricula and schedules keep their shape). ``--select`` keeps the jobs whose
+``<group>/<name>`` matches one of the globs (``cv_sweep/toy2d_swiss_roll-*``). ``--jobs N`` runs
+N jobs at once, each with ``OMP_NUM_THREADS`` = cores / N unless it is set, and its output in
+``OUT/logs/<group>/<name>-s<seed>.log``; a job that reads another run (a DMF run's flow-matching
+start, a Table 5 evaluation's Table 3 run) waits for it.
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import glob
 import json
 import os
+import shlex
 import subprocess
 import sys
+import time
 from typing import Optional
 
 import attrs
@@ -56,6 +69,11 @@ class Job:
     overrides: tuple[str, ...] = ()
     kind: str = "train"
     eval_args: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()  # run directories this job reads (they must be trained first)
+
+    @property
+    def key(self) -> str:
+        return f"{self.group}/{self.name}"
 
 
 def _stem(path: str) -> str:
@@ -69,15 +87,45 @@ def _globs(root: str, *patterns: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def scaled_overrides(path: str, overrides: tuple[str, ...], scale: float) -> tuple[str, ...]:
+    """Overrides that multiply every image count of the recipe at ``path`` (after
+    ``overrides``) by ``scale``: budget, stages, log/checkpoint/eval cadence."""
+    if scale == 1:
+        return ()
+    from mfrecipes.recipe import load_recipe
+
+    recipe, _ = load_recipe(path, list(overrides))
+
+    def times(n: int) -> int:
+        return max(1, int(round(n * scale)))
+
+    train = recipe.train
+    out = [f"train.log_every_images={times(train.log_every_images)}"]
+    if recipe.stages:
+        stages = [{"name": st.name, "images": times(st.images), "overrides": dict(st.overrides)}
+                  for st in recipe.stages]
+        out.append("stages=" + json.dumps(stages))
+        out.append(f"train.total_images={sum(st['images'] for st in stages)}")
+    else:
+        out.append(f"train.total_images={times(train.total_images)}")
+    if train.checkpoint_every_images:
+        out.append(f"train.checkpoint_every_images={times(train.checkpoint_every_images)}")
+    if recipe.eval.every_images:
+        out.append(f"eval.every_images={times(recipe.eval.every_images)}")
+    return tuple(out)
+
+
 def plan(group: str, *, recipes: str, out: str, seeds: list[int], extra: tuple[str, ...] = (),
-         full: bool = False) -> list[Job]:
+         full: bool = False, scale: float = 1.0) -> list[Job]:
     """The jobs of one group, in the order they must run."""
     jobs: list[Job] = []
 
-    def add(path, seed, overrides=(), variant=""):
+    def add(path, seed, overrides=(), variant="", after=()):
         name = _stem(path) + (f"-{variant}" if variant else "")
+        ov = (f"run.seed={seed}", *overrides, *extra)
+        ov += scaled_overrides(path, ov, scale)
         jobs.append(Job(group, name, path, os.path.join(out, group, f"{name}-s{seed}"), seed,
-                        (f"run.seed={seed}", *overrides, *extra)))
+                        ov, after=tuple(after)))
 
     simple = {"table3": ("digits/table3/*.yaml",), "table4": ("digits/table4/*.yaml",),
               "fig2": ("digits/fig2_vpre*.yaml", "observation/digits_fig2_vpre*.yaml"),
@@ -103,14 +151,16 @@ def plan(group: str, *, recipes: str, out: str, seeds: list[int], extra: tuple[s
                 add(path, s)
             fm_dir = jobs[-1].run_dir if fm else None
             for path in _globs(recipes, "observation/digits_dmf*.yaml"):
-                add(path, s, (f"init_from.path={fm_dir}",) if fm_dir else ())
+                add(path, s, (f"init_from.path={fm_dir}",) if fm_dir else (),
+                    after=(fm_dir,) if fm_dir else ())
     elif group == "table5":
         for path in _globs(recipes, "digits/table3/meanflow.yaml", "digits/table3/dtd.yaml"):
             for s in seeds:
                 run_dir = os.path.join(out, "table3", f"{_stem(path)}-s{s}")
                 steps = ",".join(str(k) for k in EULER_STEPS)
                 jobs.append(Job(group, _stem(path), path, run_dir, s, kind="eval",
-                                eval_args=("--instantaneous", "--steps", steps)))
+                                eval_args=("--instantaneous", "--steps", steps),
+                                after=(run_dir,)))
     else:
         raise SystemExit(f"error: unknown group {group!r}; valid: {', '.join(GROUPS)}")
     return jobs
@@ -193,6 +243,90 @@ def report(group: str, jobs: list[Job], out: str) -> Optional[str]:
     return base + ".md"
 
 
+def _selected(job: Job, patterns: list[str]) -> bool:
+    return not patterns or any(fnmatch.fnmatch(job.key, pat) for pat in patterns)
+
+
+def log_path(job: Job, out: str) -> str:
+    return os.path.join(out, "logs", job.group, os.path.basename(job.run_dir) + ".log")
+
+
+class Scheduler:
+    """Runs jobs, at most ``width`` at once, each after the jobs it reads have succeeded."""
+
+    def __init__(self, jobs: list[Job], *, width: int, out: str, on_group_done):
+        self.pending = list(jobs)
+        self.width = max(1, width)
+        self.out = out
+        self.on_group_done = on_group_done
+        self.running: dict[subprocess.Popen, Job] = {}
+        self.failed: list[str] = []
+        self.groups_left = {j.group: sum(k.group == j.group for k in jobs) for j in jobs}
+        self._files: dict[subprocess.Popen, object] = {}
+
+    def _ready(self, job: Job) -> Optional[bool]:
+        """True: can start; False: a job it reads failed; None: wait."""
+        blocking = {j.run_dir for j in self.pending if j is not job and j.kind == "train"}
+        blocking |= {j.run_dir for j in self.running.values() if j.kind == "train"}
+        if any(dep in self.failed for dep in job.after):
+            return False
+        return None if any(dep in blocking for dep in job.after) else True
+
+    def _start(self, job: Job) -> None:
+        env = dict(os.environ)
+        if self.width > 1:
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.width)))
+            path = log_path(job, self.out)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            f = open(path, "a", encoding="utf-8")
+            proc = subprocess.Popen(command(job), env=env, stdout=f, stderr=subprocess.STDOUT)
+            self._files[proc] = f
+            print(f"  [started] {job.run_dir} (log: {path})", flush=True)
+        else:
+            proc = subprocess.Popen(command(job), env=env)
+        self.running[proc] = job
+
+    def _finish(self, proc: subprocess.Popen, job: Job, rc: int) -> None:
+        del self.running[proc]
+        f = self._files.pop(proc, None)
+        if f is not None:
+            f.close()
+        if rc != 0:
+            self.failed.append(job.run_dir)
+            print(f"  failed (exit {rc}): {job.run_dir}", file=sys.stderr, flush=True)
+        elif self.width > 1:
+            print(f"  [done] {job.run_dir}", flush=True)
+        self._group_step(job.group)
+
+    def _group_step(self, group: str) -> None:
+        self.groups_left[group] -= 1
+        if self.groups_left[group] == 0:
+            self.on_group_done(group)
+
+    def run(self) -> list[str]:
+        while self.pending or self.running:
+            for job in list(self.pending):
+                if len(self.running) >= self.width:
+                    break
+                ready = self._ready(job)
+                if ready is None:
+                    continue
+                self.pending.remove(job)
+                if ready is False:
+                    self.failed.append(job.run_dir)
+                    print(f"  skipped (a run it reads failed): {job.run_dir}", file=sys.stderr)
+                    self._group_step(job.group)
+                    continue
+                self._start(job)
+            for proc, job in list(self.running.items()):
+                rc = proc.poll()
+                if rc is not None:
+                    self._finish(proc, job, rc)
+            if self.running:
+                time.sleep(0.2)
+        return self.failed
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", help=f"comma-separated groups (default all: {','.join(GROUPS)})")
@@ -201,6 +335,11 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", default="recipes", help="the recipes folder")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides added to every training run")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every image count of each training run (default 1)")
+    p.add_argument("--select", default="",
+                   help="comma-separated globs over GROUP/NAME; only matching jobs")
+    p.add_argument("--jobs", type=int, default=1, help="jobs at once (default 1)")
     p.add_argument("--full", action="store_true", help="cv_sweep: the recipes' full budget")
     p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     args = p.parse_args(argv)
@@ -210,25 +349,40 @@ def main(argv=None) -> int:
     except ValueError:
         print(f"error: --seeds {args.seeds!r}: expected integers such as 0,1,2", file=sys.stderr)
         return 2
-    failed = []
+    if not args.scale > 0:
+        print(f"error: --scale {args.scale!r}: expected a number > 0 such as 0.5",
+              file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        print(f"error: --jobs {args.jobs!r}: expected an integer >= 1", file=sys.stderr)
+        return 2
+    patterns = [g for g in args.select.split(",") if g.strip()]
+    by_group: dict[str, list[Job]] = {}
+    to_run: list[Job] = []
     for group in groups:
-        jobs = plan(group, recipes=args.recipes, out=args.out, seeds=seeds,
-                    extra=tuple(args.set), full=args.full)
+        jobs = [j for j in plan(group, recipes=args.recipes, out=args.out, seeds=seeds,
+                                extra=tuple(args.set), full=args.full, scale=args.scale)
+                if _selected(j, patterns)]
+        by_group[group] = jobs
         print(f"== {group}: {len(jobs)} job(s)")
         for job in jobs:
             done = is_complete(job)
             state = "done, skip" if done else "to run"
-            print(f"  [{state}] {job.kind} {job.run_dir}\n      {' '.join(command(job)[1:])}")
-            if done or args.dry_run:
-                continue
-            rc = subprocess.call(command(job))
-            if rc != 0:
-                failed.append(job.run_dir)
-                print(f"  failed (exit {rc}): {job.run_dir}", file=sys.stderr)
-        if not args.dry_run:
-            md = report(group, jobs, args.out)
-            if md:
-                print(f"  report: {md}")
+            print(f"  [{state}] {job.kind} {job.run_dir}\n      {shlex.join(command(job)[1:])}")
+            if not done:
+                to_run.append(job)
+    if args.dry_run:
+        return 0
+
+    def group_done(group: str) -> None:
+        md = report(group, by_group[group], args.out)
+        if md:
+            print(f"  report: {md}", flush=True)
+
+    failed = Scheduler(to_run, width=args.jobs, out=args.out, on_group_done=group_done).run()
+    for group in groups:   # groups with nothing left to run still get their report
+        if not any(j.group == group for j in to_run):
+            group_done(group)
     if failed:
         print(f"{len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
