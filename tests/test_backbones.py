@@ -156,9 +156,16 @@ def test_dit_positions_are_fixed_2d_sincos():
 
 # -- closed-form tangents of single layers ------------------------------------------------------
 
+def _primal_stats(x):
+    xhat, mean, rstd = tangents.layer_norm_primal(x, 1e-6)
+    torch.testing.assert_close(xhat, F.layer_norm(x, (8,), eps=1e-6), rtol=0, atol=0)
+    assert mean is not None and rstd is not None  # no autocast: the fast path is taken
+    return xhat, rstd, mean
+
+
 @pytest.mark.parametrize("which", ["silu", "gelu_tanh", "layer_norm", "layer_norm_given_xhat",
-                                   "layer_norm_given_rstd", "modulate", "gated_residual",
-                                   "linear"])
+                                   "layer_norm_given_rstd", "layer_norm_backward_kernel",
+                                   "modulate", "gated_residual", "linear"])
 def test_layer_tangents_match_torch_jvp(which):
     g = torch.Generator().manual_seed(1)
     x, dx = torch.randn(2, 3, 5, 8, generator=g, dtype=F64).unbind(0)
@@ -177,6 +184,9 @@ def test_layer_tangents_match_torch_jvp(which):
             lambda: tangents.layer_norm(x, dx, 1e-6, F.layer_norm(x, (8,), eps=1e-6),
                                         1 / torch.sqrt(x.var(-1, unbiased=False, keepdim=True)
                                                        + 1e-6))),
+        "layer_norm_backward_kernel": (  # the primal's statistics -> LayerNorm's backward kernel
+            lambda a: F.layer_norm(a, (8,), eps=1e-6),
+            lambda: tangents.layer_norm(x, dx, 1e-6, *_primal_stats(x))),
         "linear": (lin, lambda: tangents.linear(lin, dx)),
     }
     if which == "modulate":

@@ -50,6 +50,11 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     return emb.float()
 
 
+def _rows(k: int, *tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """The first k rows of each tensor (None stays None)."""
+    return [None if a is None else a[:k] for a in tensors]
+
+
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation: x [B, N, C], shift and scale [B, C]."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -87,26 +92,25 @@ class DiTBlock(nn.Module):
         dshift_msa, dscale_msa, dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp = dmod.chunk(6, dim=1)
 
         # attention branch
-        xn = self.norm1(x)
+        xn, mu, rstd = tangents.layer_norm_primal(x, _LN_EPS)
         a_in = _modulate(xn, shift_msa, scale_msa)
         with torch.no_grad():
-            da_in = tangents.modulate(xn[:k], tangents.layer_norm(x[:k], dx, _LN_EPS, xn[:k]),
-                                      scale_msa[:k], dscale_msa, dshift_msa)
+            dxn = tangents.layer_norm(x[:k], dx, _LN_EPS, xn[:k], *_rows(k, rstd, mu))
+            da_in = tangents.modulate(xn[:k], dxn, scale_msa[:k], dscale_msa, dshift_msa)
         a, da = self.attn.forward_jvp(a_in, da_in)
         x_mid = x + gate_msa.unsqueeze(1) * a
         with torch.no_grad():
             dx_mid = tangents.gated_residual(dx, gate_msa[:k], dgate_msa, a[:k], da)
 
         # MLP branch (fc1 -> tanh-GELU -> fc2)
-        xn = self.norm2(x_mid)
+        xn, mu, rstd = tangents.layer_norm_primal(x_mid, _LN_EPS)
         m_in = _modulate(xn, shift_mlp, scale_mlp)
         pre = self.mlp.fc1(m_in)
         m = self.mlp.fc2(self.mlp.act(pre))
         out = x_mid + gate_mlp.unsqueeze(1) * m
         with torch.no_grad():
-            dm_in = tangents.modulate(xn[:k], tangents.layer_norm(x_mid[:k], dx_mid, _LN_EPS,
-                                                                  xn[:k]),
-                                      scale_mlp[:k], dscale_mlp, dshift_mlp)
+            dxn = tangents.layer_norm(x_mid[:k], dx_mid, _LN_EPS, xn[:k], *_rows(k, rstd, mu))
+            dm_in = tangents.modulate(xn[:k], dxn, scale_mlp[:k], dscale_mlp, dshift_mlp)
             dm = tangents.linear(self.mlp.fc2, tangents.gelu_tanh(
                 pre[:k], tangents.linear(self.mlp.fc1, dm_in)))
             dout = tangents.gated_residual(dx_mid, gate_mlp[:k], dgate_mlp, m[:k], dm)
@@ -130,13 +134,13 @@ class FinalLayer(nn.Module):
         """As ``DiTBlock.forward_jvp``: tangents dx [K, N, C], dc [K, C] of the first K rows."""
         k = dx.shape[0]
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        xn = self.norm_final(x)
+        xn, mu, rstd = tangents.layer_norm_primal(x, _LN_EPS)
         out = self.linear(_modulate(xn, shift, scale))
         with torch.no_grad():
             dshift, dscale = tangents.linear(self.adaLN_modulation[1],
                                              tangents.silu(c[:k], dc)).chunk(2, dim=1)
-            dxm = tangents.modulate(xn[:k], tangents.layer_norm(x[:k], dx, _LN_EPS, xn[:k]),
-                                    scale[:k], dscale, dshift)
+            dxn = tangents.layer_norm(x[:k], dx, _LN_EPS, xn[:k], *_rows(k, rstd, mu))
+            dxm = tangents.modulate(xn[:k], dxn, scale[:k], dscale, dshift)
             dout = tangents.linear(self.linear, dxm)
         return out, dout
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["as_time_tangent", "linear", "silu", "gelu_tanh", "layer_norm",
+__all__ = ["as_time_tangent", "linear", "silu", "gelu_tanh", "layer_norm", "layer_norm_primal",
            "modulate", "gated_residual", "check_leading_rows"]
 
 
@@ -41,12 +41,30 @@ def gelu_tanh(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.gelu_backward(dx, x, approximate="tanh")
 
 
+def layer_norm_primal(x: torch.Tensor, eps: float
+                      ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(xhat, mean, rstd)``: LayerNorm over the last dim without affine parameters (with its
+    autograd graph, as ``F.layer_norm``) and the statistics ``layer_norm`` takes for its fast path
+    (None under autocast, where ``F.layer_norm`` picks the output dtype)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return F.layer_norm(x, (x.shape[-1],), eps=eps), None, None
+    return torch.native_layer_norm(x, (x.shape[-1],), None, None, eps)
+
+
 def layer_norm(x: torch.Tensor, dx: torch.Tensor, eps: float,
                xhat: Optional[torch.Tensor] = None,
-               rstd: Optional[torch.Tensor] = None) -> torch.Tensor:
+               rstd: Optional[torch.Tensor] = None,
+               mean: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Tangent of LayerNorm over the last dim without affine parameters:
     ``d xhat = (dx - mean(dx) - xhat mean(xhat dx)) / sqrt(var + eps)``; pass the primal output
-    ``xhat`` (and ``rstd = 1 / sqrt(var + eps)``) when they are at hand."""
+    ``xhat`` (and ``rstd = 1 / sqrt(var + eps)``) when they are at hand.
+
+    The Jacobian of ``x -> xhat`` is symmetric, so its product with ``dx`` is what LayerNorm's
+    backward kernel computes for the gradient ``dx``: given the primal's ``mean`` and ``rstd``
+    (``layer_norm_primal``), one fused kernel call replaces the elementwise formula."""
+    if mean is not None and rstd is not None and mean.dtype == rstd.dtype == x.dtype:
+        return torch.ops.aten.native_layer_norm_backward(
+            dx, x, [x.shape[-1]], mean, rstd, None, None, [True, False, False])[0]
     if rstd is None:
         centred = x - x.mean(-1, keepdim=True)
         # not x.var(): its CPU kernel is several times slower than these three ops
