@@ -67,6 +67,7 @@ from mfrecipes.objectives.guidance import Guidance
 from mfrecipes.objectives.meanflow import MeanFlow
 from mfrecipes.recipe import build as rbuild
 from mfrecipes.recipe import load_recipe
+from mfrecipes.train.compile import compile_backbone
 
 VARIANTS = ("flow_matching", "meanflow_port", "meanflow_torch_func", "meanflow_manual_split",
             "meanflow_manual")
@@ -130,7 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network's forward (and forward_jvp) in every variant")
+                   help="torch.compile the network's forward and forward_jvp in every variant, as "
+                        "train.compile does")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the peak-memory measurement (one process per variant)")
     p.add_argument("--seed", type=int, default=0)
@@ -234,10 +236,8 @@ class Runner:
         self.net = copy.deepcopy(setup["net"])
         if name == "meanflow_manual_split":
             self.net.jvp_leading_rows = False  # forces a separate forward for the r = t rows
-        if args.compile:
-            self.net.compile()
-            if callable(getattr(self.net, "forward_jvp", None)):
-                self.net.forward_jvp = torch.compile(self.net.forward_jvp)
+        if args.compile:  # what train.compile does
+            compile_backbone(self.net)
         train = setup["recipe"].train
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=train.lr, betas=tuple(train.betas),
                                      weight_decay=train.weight_decay)

@@ -68,6 +68,11 @@ class TrainCfg:
     grad_clip: Optional[float] = attrs.field(default=None, validator=_positive)
     ema_decays: tuple[float, ...] = attrs.field(default=(0.9999,), validator=_unit_interval_open)
     precision: Literal["fp32", "bf16"] = "fp32"
+    # torch.compile the backbone's forward and forward_jvp (train/compile.py); the first steps
+    # pay the compilation (minutes), the EMA and sampling stay eager.
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"
     log_every_images: int = attrs.field(default=10_000, validator=_positive)
     checkpoint_every_images: Optional[int] = attrs.field(default=None, validator=_positive)
     keep_checkpoints: int = attrs.field(default=2, validator=_positive)

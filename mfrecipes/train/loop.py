@@ -27,6 +27,7 @@ from mfrecipes.errors import CheckpointError, RecipeError, TrainingError
 from mfrecipes.recipe import build as rbuild
 from mfrecipes.recipe.schema import Recipe
 from mfrecipes.train import checkpoint as ckpt
+from mfrecipes.train.compile import compile_backbone
 from mfrecipes.train.ema import EMA
 from mfrecipes.train.log import RunLogger, truncate_metrics
 from mfrecipes.train.rundir import write_run_records
@@ -67,6 +68,8 @@ class Trainer:
         self.engine = Engine(net, recipe, self.device)
         self.net = self.engine.module  # the raw module: the JVP cannot run through wrappers
         self.ema = EMA(self.net, cfg.ema_decays)
+        if cfg.compile:  # after the EMA copies: they stay eager
+            compile_backbone(self.net, cfg.compile_mode)
         if self.rank:  # the objective's own draws (class dropout) differ between ranks
             torch.manual_seed(recipe.run.seed + 7919 * self.rank)
         # Shared by all ranks: (t, r) and noise are drawn for the global batch (see _train_step).
