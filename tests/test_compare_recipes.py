@@ -114,3 +114,12 @@ def test_eval_jsonl_fills_in(tmp_path):
     assert cmp.keys == ("loss_weighting.params.p",)
     ra, rb = cmp.rows
     assert ra["final"] == 7.0 and ra["best"] == 7.0 and rb["final"] is None
+
+
+def test_empty_params_are_not_a_difference():
+    from mfrecipes.evaluate.compare import differing_keys, flatten
+
+    a = flatten({"gap_schedule": {"name": "constant", "params": {}}})
+    b = flatten({"gap_schedule": {"name": "progressive", "params": {"k": 1.0}}})
+    assert a == {"gap_schedule.name": "constant"}
+    assert differing_keys([a, b]) == ["gap_schedule.name", "gap_schedule.params.k"]

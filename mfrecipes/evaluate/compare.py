@@ -43,13 +43,15 @@ def lower_is_better(metric: str, direction: str = "auto") -> bool:
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values (shown as JSON)."""
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values (shown as JSON); an empty
+    mapping sets nothing, so it leaves no key (``params: {}`` next to ``params.k: 1`` would
+    otherwise show up as a difference of its own)."""
     if not isinstance(d, dict):
         return {prefix: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict):
             out.update(flatten(v, key))
         else:
             out[key] = v
