@@ -54,6 +54,13 @@ def test_overrides_and_flags_reach_the_step(bench, capsys):
     assert set(res["variants"]) == {"flow_matching", "meanflow_manual"}
 
 
+def test_avg_share_fixes_the_count_of_r_ne_t_rows(bench, capsys):
+    res = _run_json(bench, capsys, TOY, "--avg-share", "0.25", "--batch", "12", "--repeats", "3",
+                    "--warmup", "0", "--variants", "flow_matching,meanflow_manual", "--no-memory")
+    for v in res["variants"].values():
+        assert v["avg_share"] == 3 / 12  # exactly 3 of 12 rows in every repeat
+
+
 def test_peak_memory_follows_the_batch(bench, capsys):
     """The CPU measure (peak resident set of a fresh process) grows with the activations:
     8x the batch must show well over 4x the step memory."""
@@ -125,6 +132,8 @@ def test_dataset_without_static_shape_needs_the_flags(bench, tmp_path, capsys):
     (["--variants", "meanflow_jax"], "unknown variant"),
     (["--dtype", "bf16", "--device", "cpu"], "bf16 is for CUDA"),
     (["--batch", "0"], "--batch must be >= 1"),
+    (["--avg-share", "1.5"], "--avg-share must be in [0, 1]"),
+    (["--avg-share", "0.25", "--fm-ratio", "0.75"], "exclude each other"),
 ])
 def test_bad_arguments(bench, capsys, argv, match):
     with pytest.raises(SystemExit) as info:

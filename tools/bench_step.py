@@ -128,6 +128,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
                    help="bf16: autocast on CUDA, parameters stay fp32 (as train.precision)")
     p.add_argument("--fm-ratio", type=float, help="share of r = t samples (default: the recipe's)")
+    p.add_argument("--avg-share", type=float,
+                   help="exactly round(F x batch) r != t rows in every step (instead of the "
+                        "sampler's random count): the rest get r = t")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--compile", action="store_true",
@@ -155,6 +158,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.avg_share is not None and not 0 <= args.avg_share <= 1:
+        p.error("--avg-share must be in [0, 1]")
+    if args.avg_share is not None and args.fm_ratio is not None:
+        p.error("--avg-share and --fm-ratio exclude each other (--avg-share fixes the count)")
     return args
 
 
@@ -193,6 +200,8 @@ def build_setup(args) -> dict[str, Any]:
         overrides.append(f"backbone.name={args.backbone}")
     if args.fm_ratio is not None:
         overrides.append(f"timestep_sampler.params.fm_ratio={args.fm_ratio}")
+    if args.avg_share is not None:  # every pair r != t; Runner.step sets r = t on the rest
+        overrides.append("timestep_sampler.params.fm_ratio=0.0")
     recipe, _ = load_recipe(args.recipe, overrides)
     rbuild.load_imports(recipe)
     registry.ensure_builtins()
@@ -249,6 +258,9 @@ class Runner:
         g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + 17 * i)
         t, r = parts["timestep_sampler"].sample(s["batch"], progress=PROGRESS, generator=g,
                                                 device=dev)
+        if self.args.avg_share is not None:
+            n = round(self.args.avg_share * s["batch"])
+            r = torch.cat([r[:n], t[n:]])
         noise = torch.randn(s["x"].shape, generator=g).to(dev)
         dropout = torch.Generator(device=dev).manual_seed(i)
         with _autocast(self.args):
