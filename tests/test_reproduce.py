@@ -175,3 +175,18 @@ def test_parallel_jobs_wait_for_the_runs_they_read(repro, tmp_path, capsys):
         assert (run_dir / "checkpoints" / "latest").is_file()
         assert (out / "logs" / "dmf" / f"{name}.log").is_file()
     assert "dmf" in (out / "dmf.md").read_text()
+
+
+def test_report_only_runs_nothing_and_reports_what_is_there(repro, tmp_path, capsys):
+    root = tmp_path / "recipes"
+    (root / "digits" / "table3").mkdir(parents=True)
+    (root / "digits" / "table3" / "tiny.yaml").write_text(TINY)
+    out = tmp_path / "out"
+    base = ["--only", "table3", "--recipes", str(root), "--out", str(out)]
+    assert repro.main([*base, "--seeds", "0"]) == 0
+    (out / "table3.md").unlink()
+    capsys.readouterr()
+    assert repro.main([*base, "--seeds", "0,1", "--report-only"]) == 0
+    assert "[to run]" in capsys.readouterr().out          # seed 1 is planned ...
+    assert not (out / "table3" / "tiny-s1").exists()        # ... but not run
+    assert "tiny-s0" in (out / "table3.md").read_text()

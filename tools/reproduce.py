@@ -2,7 +2,7 @@
 
     python tools/reproduce.py [--only GROUP[,GROUP]] [--seeds 0,1,2] [--out runs/repro]
         [--recipes recipes] [--set key=value ...] [--scale F] [--select GLOB[,GLOB]]
-        [--jobs N] [--full] [--dry-run]
+        [--jobs N] [--full] [--dry-run | --report-only]
 
 Groups (recipes are globbed when the plan is made, so new recipe files join automatically):
 
@@ -25,7 +25,8 @@ Each run goes to ``OUT/<group>/<recipe>[-<variant>]-s<seed>`` and is trained wit
 ``train.total_images`` is complete and skipped; an interrupted one resumes. When all runs of a
 group are done, they are compared (``mfrecipes.evaluate.compare``, seeds grouped) into
 ``OUT/<group>.md`` (every metric of the group), ``.csv`` and ``.png`` (the first metric).
-``--dry-run`` prints the plan.
+``--dry-run`` prints the plan; ``--report-only`` writes the reports from the runs already there
+(incomplete runs show their newest figures) and runs nothing.
 
 ``--scale F`` multiplies every image count of a training run by F: the budget, each stage's
 images and the log, checkpoint and evaluation cadences (the components see training progress,
@@ -342,6 +343,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="jobs at once (default 1)")
     p.add_argument("--full", action="store_true", help="cv_sweep: the recipes' full budget")
     p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing; write each group's report from the runs already there")
     args = p.parse_args(argv)
     groups = args.only.split(",") if args.only else list(GROUPS)
     try:
@@ -378,6 +381,11 @@ def main(argv=None) -> int:
         md = report(group, by_group[group], args.out)
         if md:
             print(f"  report: {md}", flush=True)
+
+    if args.report_only:
+        for group in groups:
+            group_done(group)
+        return 0
 
     failed = Scheduler(to_run, width=args.jobs, out=args.out, on_group_done=group_done).run()
     for group in groups:   # groups with nothing left to run still get their report
