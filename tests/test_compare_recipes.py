@@ -13,7 +13,7 @@ import yaml
 from mfrecipes.errors import RecipeError
 from mfrecipes.evaluate.compare import compare, images_to_threshold, lower_is_better
 
-from conftest import load_tool
+from conftest import REPO, load_tool
 
 M = "eval/nfe1/fd_digits"
 
@@ -123,3 +123,25 @@ def test_empty_params_are_not_a_difference():
     b = flatten({"gap_schedule": {"name": "progressive", "params": {"k": 1.0}}})
     assert a == {"gap_schedule.name": "constant"}
     assert differing_keys([a, b]) == ["gap_schedule.name", "gap_schedule.params.k"]
+
+
+def test_a_key_added_later_at_its_default_is_not_a_difference(tmp_path):
+    """Runs recorded before train.compile existed group with runs that have it at its default."""
+    from mfrecipes.recipe import load_recipe
+    from mfrecipes.recipe.load import dump_yaml
+
+    _, resolved = load_recipe(os.path.join(REPO, "recipes", "quickstart.yaml"))
+    old = json.loads(json.dumps(resolved))
+    del old["train"]["compile"], old["train"]["compile_mode"]
+    dirs = []
+    for i, rec in enumerate((old, resolved, old)):
+        rec = json.loads(json.dumps(rec))
+        rec["run"]["seed"] = i
+        d = tmp_path / f"r{i}"
+        d.mkdir()
+        (d / "recipe.resolved.yaml").write_text(dump_yaml(rec))
+        (d / "metrics.jsonl").write_text(json.dumps({"images": 10, "loss": float(i)}) + "\n")
+        dirs.append(str(d))
+    cmp = compare(dirs, "loss", group_seeds=True)
+    assert len(cmp.rows) == 1 and cmp.rows[0]["seeds"] == "0,1,2"
+    assert not any("compile" in c for c in cmp.columns)

@@ -67,6 +67,19 @@ class RunCurve:
     points: tuple[tuple[int, float], ...]
 
 
+def _with_defaults(resolved: dict) -> dict:
+    """The resolved recipe with every key the schema knows filled in, so a run recorded before
+    a key existed compares equal to one that has the key at its default (not a difference, and
+    seeds still group). Component params are the components' own and stay as recorded. A recipe
+    this version cannot read is compared as written."""
+    from mfrecipes.recipe.schema import Recipe
+
+    try:
+        return Recipe.from_dict(resolved).to_dict()
+    except Exception:  # noqa: BLE001  (an older or newer schema: compare the raw mapping)
+        return resolved
+
+
 def load_run_curve(run_dir: str, metric: str) -> RunCurve:
     from mfrecipes.recipe.load import read_yaml
     from mfrecipes.train.rundir import RESOLVED
@@ -74,7 +87,7 @@ def load_run_curve(run_dir: str, metric: str) -> RunCurve:
     path = os.path.join(run_dir, RESOLVED)
     if not os.path.isfile(path):
         raise RecipeError(f"{run_dir!r} is not a run directory (no {RESOLVED})")
-    recipe = flatten(read_yaml(path))
+    recipe = flatten(_with_defaults(read_yaml(path)))
     pts: dict[int, float] = {}
     for source in ("eval.jsonl", "metrics.jsonl"):   # metrics.jsonl wins on equal images
         for rec in read_jsonl(os.path.join(run_dir, source)):
