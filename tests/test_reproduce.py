@@ -105,6 +105,7 @@ def test_one_tiny_group_runs_skips_and_reports(repro, tmp_path, capsys):
     assert (run_dir / "checkpoints" / "latest").is_file()
     md = (out / "table3.md").read_text()
     assert "eval/nfe1/fd_digits" in md and "eval/nfe2/fd_digits" in md and "tiny" in md
+    assert "## Every run" in md and "tiny-s0 |" in md.split("## Every run")[1]
     assert (out / "table3.csv").is_file() and (out / "table3.png").is_file()
     mtime = os.path.getmtime(run_dir / "metrics.jsonl")
     assert repro.main(argv) == 0

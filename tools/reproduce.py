@@ -23,8 +23,9 @@ Groups (recipes are globbed when the plan is made, so new recipe files join auto
 Each run goes to ``OUT/<group>/<recipe>[-<variant>]-s<seed>`` and is trained with ``mfr run``
 (``run.seed`` set, ``--set`` overrides appended). A run whose newest checkpoint holds the recipe's
 ``train.total_images`` is complete and skipped; an interrupted one resumes. When all runs of a
-group are done, they are compared (``mfrecipes.evaluate.compare``, seeds grouped) into
-``OUT/<group>.md`` (every metric of the group), ``.csv`` and ``.png`` (the first metric).
+group are done, they are compared (``mfrecipes.evaluate.compare``) into ``OUT/<group>.md`` (every
+metric of the group, seeds grouped as mean +- std, then every run on its own), ``.csv`` and
+``.png`` (the first metric, seeds grouped).
 ``--dry-run`` prints the plan; ``--report-only`` writes the reports from the runs already there
 (incomplete runs show their newest figures) and runs nothing.
 
@@ -224,20 +225,23 @@ def report(group: str, jobs: list[Job], out: str) -> Optional[str]:
                               if os.path.isfile(os.path.join(j.run_dir, "recipe.resolved.yaml"))))
     if not dirs:
         return None
-    sections, first = [], None
+    sections, per_run, first = [], [], None
     for metric in metrics_for(group):
         try:
             cmp = compare(dirs, metric, group_seeds=True)
+            runs = compare(dirs, metric, group_seeds=False)
         except MfrError:
             continue
         first = first or cmp
         sections.append(cmp.markdown())
+        per_run.append(runs.markdown())
     if first is None:
         return None
     base = os.path.join(out, group)
     os.makedirs(out, exist_ok=True)
     with open(base + ".md", "w", encoding="utf-8") as f:
-        f.write(f"# {group}\n\n" + "\n".join(sections))
+        f.write(f"# {group}\n\n" + "\n".join(sections)
+                + "\n## Every run\n\n" + "\n".join(per_run))
     with open(base + ".csv", "w", encoding="utf-8") as f:
         f.write(first.csv())
     first.plot(base + ".png")
