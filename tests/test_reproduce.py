@@ -38,6 +38,14 @@ def test_plan_globs_recipes_and_seeds(repro, tmp_path):
         assert dmf[0].name == "flow_matching"
         assert all(f"init_from.path={dmf[0].run_dir}" in j.overrides for j in dmf[1:])
 
+    fig4 = repro.plan("fig4", recipes=RECIPES, out="o", seeds=[0])
+    trains = [j for j in fig4 if j.kind == "train"]
+    evals = [j for j in fig4 if j.kind == "eval"]
+    assert trains and [j.run_dir for j in evals] == [j.run_dir for j in trains]
+    assert all(j.after == (j.run_dir,) and j.wants == ("eval/euler32/fd_digits",)
+               and j.eval_args == ("--instantaneous", "--steps", "32") for j in evals)
+    assert "eval/euler32/fd_digits" in repro.metrics_for("fig4")
+
     t5 = repro.plan("table5", recipes=RECIPES, out="o", seeds=[0])
     assert all(j.kind == "eval" and j.run_dir.startswith(os.path.join("o", "table3"))
                for j in t5)

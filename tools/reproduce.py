@@ -11,7 +11,8 @@ Groups (recipes are globbed when the plan is made, so new recipe files join auto
 - ``table4``: ``digits/table4/*.yaml`` (k of the progress schedule);
 - ``fig2``: ``digits/fig2_vpre*.yaml`` and ``observation/digits_fig2_vpre*.yaml`` (v-pretraining);
 - ``fig3``: ``digits/fig3/*.yaml`` (noise on the v-target);
-- ``fig4``: ``digits/fig4/*.yaml`` and ``observation/digits_fig4_vpre_gap_*.yaml`` (gap ranges);
+- ``fig4``: ``digits/fig4/*.yaml`` and ``observation/digits_fig4_vpre_gap_*.yaml`` (gap ranges),
+  each run then evaluated as the paper measures v in Fig. 4: Euler on u(z, t, t), 32 steps;
 - ``table5``: no training: Euler sampling on u(z, t, t) with 32, 64 and 128 steps of the table3
   ``meanflow`` and ``dtd`` runs (``mfr eval --instantaneous``), figures in their eval.jsonl;
 - ``cv_sweep``: ``cv/toy2d_*.yaml`` with ``objective.params.beta_cv`` in 0, 0.25, 0.5, 0.75, 1
@@ -56,6 +57,7 @@ GROUPS = ("table3", "table4", "fig2", "fig3", "fig4", "table5", "cv_sweep", "dmf
 DIGITS_METRICS = ("eval/nfe1/fd_digits", "eval/nfe2/fd_digits")
 TOY_METRICS = ("eval/nfe1/swd", "eval/nfe2/swd")
 EULER_STEPS = (32, 64, 128)
+FIG4_EULER_STEPS = (32,)
 BETA_CV = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -71,6 +73,7 @@ class Job:
     overrides: tuple[str, ...] = ()
     kind: str = "train"
     eval_args: tuple[str, ...] = ()
+    wants: tuple[str, ...] = ()  # evaluation: the metrics it writes to eval.jsonl
     after: tuple[str, ...] = ()  # run directories this job reads (they must be trained first)
 
     @property
@@ -133,10 +136,17 @@ def plan(group: str, *, recipes: str, out: str, seeds: list[int], extra: tuple[s
               "fig2": ("digits/fig2_vpre*.yaml", "observation/digits_fig2_vpre*.yaml"),
               "fig3": ("digits/fig3/*.yaml",),
               "fig4": ("digits/fig4/*.yaml", "observation/digits_fig4_vpre_gap_*.yaml")}
+    def euler(path, seed, run_dir, steps):
+        jobs.append(Job(group, _stem(path), path, run_dir, seed, kind="eval",
+                        eval_args=("--instantaneous", "--steps", ",".join(map(str, steps))),
+                        wants=euler_metrics(steps), after=(run_dir,)))
+
     if group in simple:
         for path in _globs(recipes, *simple[group]):
             for s in seeds:
                 add(path, s)
+                if group == "fig4":  # the paper's measure of v: Euler on u(z, t, t)
+                    euler(path, s, jobs[-1].run_dir, FIG4_EULER_STEPS)
     elif group == "cv_sweep":
         budget = () if full else ("train.total_images=1000000",)
         for path in _globs(recipes, "cv/toy2d_*.yaml"):
@@ -158,21 +168,23 @@ def plan(group: str, *, recipes: str, out: str, seeds: list[int], extra: tuple[s
     elif group == "table5":
         for path in _globs(recipes, "digits/table3/meanflow.yaml", "digits/table3/dtd.yaml"):
             for s in seeds:
-                run_dir = os.path.join(out, "table3", f"{_stem(path)}-s{s}")
-                steps = ",".join(str(k) for k in EULER_STEPS)
-                jobs.append(Job(group, _stem(path), path, run_dir, s, kind="eval",
-                                eval_args=("--instantaneous", "--steps", steps),
-                                after=(run_dir,)))
+                euler(path, s, os.path.join(out, "table3", f"{_stem(path)}-s{s}"), EULER_STEPS)
     else:
         raise SystemExit(f"error: unknown group {group!r}; valid: {', '.join(GROUPS)}")
     return jobs
+
+
+def euler_metrics(steps) -> tuple[str, ...]:
+    return tuple(f"eval/euler{k}/fd_digits" for k in steps)
 
 
 def metrics_for(group: str) -> tuple[str, ...]:
     if group == "cv_sweep":
         return TOY_METRICS
     if group == "table5":
-        return tuple(f"eval/euler{k}/fd_digits" for k in EULER_STEPS)
+        return euler_metrics(EULER_STEPS)
+    if group == "fig4":
+        return DIGITS_METRICS + euler_metrics(FIG4_EULER_STEPS)
     return DIGITS_METRICS
 
 
@@ -185,7 +197,7 @@ def total_images(job: Job) -> int:
 
 def is_complete(job: Job) -> bool:
     """Training: the newest checkpoint holds the recipe's total images. Evaluation: eval.jsonl
-    already has every metric of the group for the final checkpoint."""
+    already has every metric the job writes, for the final checkpoint."""
     from mfrecipes.train.checkpoint import latest_checkpoint, load_meta
 
     folder = latest_checkpoint(os.path.join(job.run_dir, "checkpoints"))
@@ -206,7 +218,7 @@ def is_complete(job: Job) -> bool:
                 continue
             if rec.get("images") == images:
                 seen.update(rec)
-    return set(metrics_for(job.group)) <= seen
+    return set(job.wants) <= seen
 
 
 def command(job: Job) -> list[str]:
