@@ -145,3 +145,17 @@ def test_a_key_added_later_at_its_default_is_not_a_difference(tmp_path):
     cmp = compare(dirs, "loss", group_seeds=True)
     assert len(cmp.rows) == 1 and cmp.rows[0]["seeds"] == "0,1,2"
     assert not any("compile" in c for c in cmp.columns)
+
+
+def test_curve_labels_are_short_and_unambiguous():
+    from mfrecipes.evaluate.compare import _curve_label, _short_keys
+
+    keys = ["gap_schedule.name", "gap_schedule.params.k", "loss_weighting.name"]
+    assert _short_keys(keys) == {"gap_schedule.name": "gap_schedule.name",
+                                 "gap_schedule.params.k": "k",
+                                 "loss_weighting.name": "loss_weighting.name"}
+    row = {"run": "beta-s0 (+2)", "gap_schedule.name": "progressive",
+           "gap_schedule.params.k": "1.0", "loss_weighting.name": "adaptive"}
+    assert _curve_label(row, keys) == "beta-s0 (+2)"   # too long: the run's name
+    assert _curve_label(row, ["gap_schedule.params.k"]) == "k=1.0"
+    assert _curve_label({"run": "r", "x.k": "<unset>"}, ["x.k"]) == "r"

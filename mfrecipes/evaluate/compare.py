@@ -197,6 +197,29 @@ class Comparison:
                                title=self.metric, logy=logy))
 
 
+def _short_keys(keys: Sequence[str]) -> dict[str, str]:
+    """Each key's shortest dotted suffix that no other key ends with (``name`` is ambiguous
+    between ``gap_schedule.name`` and ``loss_weighting.name``; ``k`` is not)."""
+    out = {}
+    for k in keys:
+        parts = k.split(".")
+        for n in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-n:])
+            if not any(o != k and (o == suffix or o.endswith("." + suffix)) for o in keys):
+                break
+        out[k] = suffix
+    return out
+
+
+def _curve_label(row: dict, keys: Sequence[str], limit: int = 48) -> str:
+    """``k=0.5`` from the differing keys when that stays short, else the run's name."""
+    if not keys:
+        return row["run"]
+    short = _short_keys(keys)
+    label = ", ".join(f"{short[k]}={row[k]}" for k in keys if row[k] != "<unset>")
+    return label if label and len(label) <= limit else row["run"]
+
+
 def _label(run_dir: str) -> str:
     return os.path.basename(os.path.normpath(run_dir))
 
@@ -249,8 +272,6 @@ def compare(run_dirs: Sequence[str], metric: str, *, threshold: Optional[float] 
         common = sorted(set.intersection(*(set(i for i, _ in m.points) for m in with_pts))) \
             if with_pts else []
         ys = [statistics.fmean(dict(m.points)[i] for m in with_pts) for i in common]
-        label = row["run"] if not keys else ", ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}"
-                                                      for k in keys)
-        curves.append((label, tuple(common), tuple(ys)))
+        curves.append((_curve_label(row, keys), tuple(common), tuple(ys)))
     return Comparison(metric=metric, lower=lower, threshold=threshold, keys=tuple(keys),
                       rows=tuple(rows), curves=tuple(curves))
