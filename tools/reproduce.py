@@ -256,7 +256,7 @@ def report(group: str, jobs: list[Job], out: str) -> Optional[str]:
                 + "\n## Every run\n\n" + "\n".join(per_run))
     with open(base + ".csv", "w", encoding="utf-8") as f:
         f.write(first.csv())
-    first.plot(base + ".png")
+    first.plot(base + ".png", logy=True)  # early figures are an order of magnitude higher
     return base + ".md"
 
 
