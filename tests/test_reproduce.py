@@ -199,3 +199,13 @@ def test_report_only_runs_nothing_and_reports_what_is_there(repro, tmp_path, cap
     assert "[to run]" in capsys.readouterr().out          # seed 1 is planned ...
     assert not (out / "table3" / "tiny-s1").exists()        # ... but not run
     assert "tiny-s0" in (out / "table3.md").read_text()
+    # an unfinished run (a checkpoint at half the budget) is named, not averaged in
+    s1 = out / "table3" / "tiny-s1"
+    s1.mkdir()
+    (s1 / "recipe.resolved.yaml").write_text(
+        (out / "table3" / "tiny-s0" / "recipe.resolved.yaml").read_text())
+    (s1 / "metrics.jsonl").write_text(json.dumps({"images": 64, "eval/nfe1/fd_digits": 1e3}) + "\n")
+    _fake_checkpoint(str(s1), 64)
+    assert repro.main([*base, "--seeds", "0,1", "--report-only"]) == 0
+    md = (out / "table3.md").read_text()
+    assert "Not finished, left out: tiny-s1" in md and "tiny-s1 |" not in md

@@ -28,7 +28,7 @@ group are done, they are compared (``mfrecipes.evaluate.compare``) into ``OUT/<g
 metric of the group, seeds grouped as mean +- std, then every run on its own), ``.csv`` and
 ``.png`` (the first metric, seeds grouped).
 ``--dry-run`` prints the plan; ``--report-only`` writes the reports from the runs already there
-(incomplete runs show their newest figures) and runs nothing.
+and runs nothing. Runs whose training has not finished are left out of a report and named in it.
 
 ``--scale F`` multiplies every image count of a training run by F: the budget, each stage's
 images and the log, checkpoint and evaluation cadences (the components see training progress,
@@ -233,8 +233,17 @@ def report(group: str, jobs: list[Job], out: str) -> Optional[str]:
     from mfrecipes.errors import MfrError
     from mfrecipes.evaluate.compare import compare
 
-    dirs = list(dict.fromkeys(j.run_dir for j in jobs
-                              if os.path.isfile(os.path.join(j.run_dir, "recipe.resolved.yaml"))))
+    # A run whose training has not finished is left out (its figures are from fewer images and
+    # would be averaged with finished seeds); groups that only evaluate need their evaluation.
+    trains = {j.run_dir for j in jobs if j.kind == "train"}
+    dirs, unfinished = [], []
+    for j in jobs:
+        seen = j.run_dir in dirs or j.run_dir in unfinished
+        if seen or (j.kind == "eval" and j.run_dir in trains):
+            continue
+        if not os.path.isfile(os.path.join(j.run_dir, "recipe.resolved.yaml")):
+            continue
+        (dirs if is_complete(j) else unfinished).append(j.run_dir)
     if not dirs:
         return None
     sections, per_run, first = [], [], None
@@ -251,8 +260,10 @@ def report(group: str, jobs: list[Job], out: str) -> Optional[str]:
         return None
     base = os.path.join(out, group)
     os.makedirs(out, exist_ok=True)
+    left_out = "" if not unfinished else (
+        "\nNot finished, left out: " + ", ".join(os.path.basename(d) for d in unfinished) + "\n")
     with open(base + ".md", "w", encoding="utf-8") as f:
-        f.write(f"# {group}\n\n" + "\n".join(sections)
+        f.write(f"# {group}\n\n" + "\n".join(sections) + left_out
                 + "\n## Every run\n\n" + "\n".join(per_run))
     with open(base + ".csv", "w", encoding="utf-8") as f:
         f.write(first.csv())
