@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
 import glob
 import json
 import os
@@ -92,14 +93,21 @@ def _globs(root: str, *patterns: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+@functools.lru_cache(maxsize=None)
+def _load(path: str, overrides: tuple[str, ...]):
+    """The typed recipe, read once per (path, overrides): planning, the skip check and the
+    reports all ask for the same recipes."""
+    from mfrecipes.recipe import load_recipe
+
+    return load_recipe(path, list(overrides))[0]
+
+
 def scaled_overrides(path: str, overrides: tuple[str, ...], scale: float) -> tuple[str, ...]:
     """Overrides that multiply every image count of the recipe at ``path`` (after
     ``overrides``) by ``scale``: budget, stages, log/checkpoint/eval cadence."""
     if scale == 1:
         return ()
-    from mfrecipes.recipe import load_recipe
-
-    recipe, _ = load_recipe(path, list(overrides))
+    recipe = _load(path, tuple(overrides))
 
     def times(n: int) -> int:
         return max(1, int(round(n * scale)))
@@ -189,10 +197,7 @@ def metrics_for(group: str) -> tuple[str, ...]:
 
 
 def total_images(job: Job) -> int:
-    from mfrecipes.recipe import load_recipe
-
-    recipe, _ = load_recipe(job.recipe, list(job.overrides))
-    return recipe.train.total_images
+    return _load(job.recipe, job.overrides).train.total_images
 
 
 def is_complete(job: Job) -> bool:

@@ -81,14 +81,15 @@ class DiTBlock(nn.Module):
         x = x + gate_mlp.unsqueeze(1) * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
-    def forward_jvp(self, x, dx, c, dc):
+    def forward_jvp(self, x, dx, c, dc_act):
         """(x_out [B, N, C] with graph, dx_out [K, N, C] without graph) from x [B, N, C],
-        c [B, C] and the tangents dx [K, N, C], dc [K, C] of the first K <= B rows."""
+        c [B, C] and the tangents dx [K, N, C] and dc_act [K, C] (of silu(c), the adaLN input,
+        shared by every block) of the first K <= B rows."""
         k = dx.shape[0]
         mod = self.adaLN_modulation(c)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         with torch.no_grad():
-            dmod = tangents.linear(self.adaLN_modulation[1], tangents.silu(c[:k], dc))
+            dmod = tangents.linear(self.adaLN_modulation[1], dc_act)
         dshift_msa, dscale_msa, dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp = dmod.chunk(6, dim=1)
 
         # attention branch
@@ -130,15 +131,14 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(_modulate(self.norm_final(x), shift, scale))
 
-    def forward_jvp(self, x, dx, c, dc):
-        """As ``DiTBlock.forward_jvp``: tangents dx [K, N, C], dc [K, C] of the first K rows."""
+    def forward_jvp(self, x, dx, c, dc_act):
+        """As ``DiTBlock.forward_jvp``: tangents dx [K, N, C], dc_act [K, C] of the first K rows."""
         k = dx.shape[0]
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         xn, mu, rstd = tangents.layer_norm_primal(x, _LN_EPS)
         out = self.linear(_modulate(xn, shift, scale))
         with torch.no_grad():
-            dshift, dscale = tangents.linear(self.adaLN_modulation[1],
-                                             tangents.silu(c[:k], dc)).chunk(2, dim=1)
+            dshift, dscale = tangents.linear(self.adaLN_modulation[1], dc_act).chunk(2, dim=1)
             dxn = tangents.layer_norm(x[:k], dx, _LN_EPS, xn[:k], *_rows(k, rstd, mu))
             dxm = tangents.modulate(xn[:k], dxn, scale[:k], dscale, dshift)
             dout = tangents.linear(self.linear, dxm)
@@ -237,9 +237,11 @@ class DiT(nn.Module):
             proj = self.x_embedder.proj
             dx = F.conv2d(dz, proj.weight, None, stride=proj.stride).flatten(2).transpose(1, 2)
         c, dc = self.cond.forward_jvp(t, h, y, dt, dh)
+        with torch.no_grad():  # the adaLN input silu(c) is the same in every block
+            dc_act = tangents.silu(c[:k], dc)
         for block in self.blocks:
-            x, dx = block.forward_jvp(x, dx, c, dc)
-        out, dout = self.final_layer.forward_jvp(x, dx, c, dc)
+            x, dx = block.forward_jvp(x, dx, c, dc_act)
+        out, dout = self.final_layer.forward_jvp(x, dx, c, dc_act)
         return self.unpatchify(out), self.unpatchify(dout)
 
 
