@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["images_to_uint8", "save_image_grid", "save_scatter", "save_curves"]
+__all__ = ["images_to_uint8", "save_image_grid", "save_scatter", "save_curves", "save_sweep"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -132,7 +132,37 @@ def save_curves(curves: Sequence[tuple[str, Sequence[float], Sequence[float]]], 
         ax.set_yscale("log")
     if title:
         ax.set_title(title)
-    if curves:
+    _legend(ax, len(curves))
+    ax.grid(True, alpha=0.3)
+    return _save_figure(fig, path)
+
+
+def _legend(ax, n: int) -> None:
+    """Inside the axes for a few entries; beside them (outside) for many, where an inside
+    legend would cover the data."""
+    if n > 8:
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                  ncol=1 + n // 24)
+    elif n:
         ax.legend(fontsize="small")
+
+
+def save_sweep(series: Sequence[tuple[str, Sequence[float], Sequence[float], Sequence[float]]],
+               path: PathLike, *, xlabel: str, ylabel: str = "metric",
+               title: Optional[str] = None, logy: bool = False) -> Path:
+    """Plot a final figure against a swept parameter: ``series`` = ``[(label, xs, means, stds),
+    ...]`` (one line per setting, e.g. per data set), the spread as error bars."""
+    fig = _new_figure((6, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    for label, xs, means, stds in series:
+        ax.errorbar(list(xs), list(means), yerr=list(stds), marker="o", markersize=4,
+                    capsize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    _legend(ax, len(series))
     ax.grid(True, alpha=0.3)
     return _save_figure(fig, path)

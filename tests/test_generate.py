@@ -184,3 +184,18 @@ def test_scatter_and_curves(tmp_path):
     for p in (p1, p2):
         assert Image.open(p).format == "PNG" and min(Image.open(p).size) > 100
     assert sorted(f.name for f in tmp_path.iterdir()) == ["c.png", "s.png"]
+
+
+def test_many_curves_put_the_legend_beside_the_axes(tmp_path):
+    from PIL import Image
+
+    from mfrecipes.plots import save_sweep
+
+    few = save_curves([(f"c{i}", [0, 1], [1.0, 0.5 + i]) for i in range(2)], tmp_path / "few.png")
+    many = save_curves([(f"c{i}", [0, 1], [1.0, 0.5 + i]) for i in range(12)],
+                       tmp_path / "many.png")
+    # beside the axes (not over the data): the figure grows to the right by the legend's width
+    assert Image.open(many).size[0] > Image.open(few).size[0] + 40
+    sweep = save_sweep([("a", [0, 0.5, 1], [0.2, 0.15, 0.1], [0.01, 0.0, 0.02]),
+                        ("b", [1], [0.3], [0.0])], tmp_path / "sweep.png", xlabel="beta_cv")
+    assert Image.open(sweep).format == "PNG"

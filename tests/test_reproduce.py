@@ -209,3 +209,53 @@ def test_report_only_runs_nothing_and_reports_what_is_there(repro, tmp_path, cap
     assert repro.main([*base, "--seeds", "0,1", "--report-only"]) == 0
     md = (out / "table3.md").read_text()
     assert "Not finished, left out: tiny-s1" in md and "tiny-s1 |" not in md
+
+
+def test_cv_sweep_report_plots_the_final_figure_against_beta_cv(repro, tmp_path):
+    import math
+
+    import yaml
+
+    jobs = [j for j in repro.plan("cv_sweep", recipes=RECIPES, out=str(tmp_path), seeds=[0, 1])
+            if "swiss_roll" in j.name or "anchor" in j.name]
+    assert {j.name for j in jobs} >= {"toy2d_swiss_roll-beta0", "toy2d_swiss_roll-beta1",
+                                      "toy2d_beta1_anchor"}
+    expected = {}   # (label, beta_cv) -> the finals written for seeds 0 and 1
+    for j in jobs:
+        recipe = repro._load(j.recipe, j.overrides)
+        beta = recipe.to_dict()["objective"]["params"]["beta_cv"]
+        total = recipe.train.total_images
+        os.makedirs(j.run_dir)
+        with open(os.path.join(j.run_dir, "recipe.resolved.yaml"), "w") as f:
+            yaml.safe_dump(recipe.to_dict(), f)
+        final = 0.1 + beta + 0.2 * j.seed       # seed 0: 0.1 + b, seed 1: 0.3 + b
+        with open(os.path.join(j.run_dir, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"images": total // 2, "eval/nfe1/swd": 9.0}) + "\n")
+            f.write(json.dumps({"images": total, "eval/nfe1/swd": final,
+                                "eval/nfe2/swd": final}) + "\n")
+        _fake_checkpoint(j.run_dir, total)
+        expected.setdefault((repro._stem(j.recipe), beta), []).append(final)
+
+    series = repro.sweep_series([(repro._stem(j.recipe), j.run_dir) for j in jobs],
+                                "eval/nfe1/swd", repro.SWEEP_KEY)
+    by_label = {label: (xs, means, stds) for label, xs, means, stds in series}
+    assert set(by_label) == {"toy2d_swiss_roll", "toy2d_beta1_anchor"}
+    xs, means, stds = by_label["toy2d_swiss_roll"]
+    assert list(xs) == list(repro.BETA_CV)
+    for x, m, s in zip(xs, means, stds):
+        a, b = expected[("toy2d_swiss_roll", x)]
+        assert math.isclose(m, 0.2 + x) and math.isclose(m, (a + b) / 2)
+        assert math.isclose(s, math.sqrt(((a - m) ** 2 + (b - m) ** 2) / 1))   # ddof = 1
+    assert by_label["toy2d_beta1_anchor"][0] == (1.0,)
+
+    assert repro.report("cv_sweep", jobs, str(tmp_path)) == str(tmp_path / "cv_sweep.md")
+    from PIL import Image
+
+    png = tmp_path / "cv_sweep_beta_cv.png"
+    assert Image.open(png).format == "PNG"
+    # a run without the metric is left out of the series, not counted as a zero
+    (tmp_path / "cv_sweep" / "toy2d_swiss_roll-beta0-s1" / "metrics.jsonl").write_text("")
+    series = repro.sweep_series([(repro._stem(j.recipe), j.run_dir) for j in jobs],
+                                "eval/nfe1/swd", repro.SWEEP_KEY)
+    xs, means, stds = {lab: (x, m, s) for lab, x, m, s in series}["toy2d_swiss_roll"]
+    assert means[0] == pytest.approx(0.1) and stds[0] == 0.0

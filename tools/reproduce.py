@@ -26,7 +26,8 @@ Each run goes to ``OUT/<group>/<recipe>[-<variant>]-s<seed>`` and is trained wit
 ``train.total_images`` is complete and skipped; an interrupted one resumes. When all runs of a
 group are done, they are compared (``mfrecipes.evaluate.compare``) into ``OUT/<group>.md`` (every
 metric of the group, seeds grouped as mean +- std, then every run on its own), ``.csv`` and
-``.png`` (the first metric, seeds grouped).
+``.png`` (the first metric, seeds grouped); the ``cv_sweep`` report adds
+``cv_sweep_beta_cv.png``, the final figure against beta_cv, one line per toy.
 ``--dry-run`` prints the plan; ``--report-only`` writes the reports from the runs already there
 and runs nothing. Runs whose training has not finished are left out of a report and named in it.
 
@@ -47,6 +48,7 @@ import glob
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -60,6 +62,7 @@ TOY_METRICS = ("eval/nfe1/swd", "eval/nfe2/swd")
 EULER_STEPS = (32, 64, 128)
 FIG4_EULER_STEPS = (32,)
 BETA_CV = (0.0, 0.25, 0.5, 0.75, 1.0)
+SWEEP_KEY = "objective.params.beta_cv"
 
 
 @attrs.frozen
@@ -273,7 +276,37 @@ def report(group: str, jobs: list[Job], out: str) -> Optional[str]:
     with open(base + ".csv", "w", encoding="utf-8") as f:
         f.write(first.csv())
     first.plot(base + ".png", logy=True)  # early figures are an order of magnitude higher
+    if group == "cv_sweep":  # the sweep's question: the final figure against beta_cv
+        from mfrecipes.plots import save_sweep
+
+        runs = [(_stem(j.recipe), j.run_dir) for j in jobs
+                if j.kind == "train" and j.run_dir in dirs]
+        series = sweep_series(runs, first.metric, SWEEP_KEY)
+        if series:
+            save_sweep(series, base + "_beta_cv.png", xlabel="beta_cv", ylabel=first.metric,
+                       title=f"final {first.metric}, mean ± std over seeds")
     return base + ".md"
+
+
+def sweep_series(runs: list[tuple[str, str]], metric: str, key: str
+                 ) -> list[tuple[str, tuple, tuple, tuple]]:
+    """``[(label, xs, means, stds)]``: each label's final ``metric`` against its recipe value of
+    ``key`` (``runs`` = ``[(label, run_dir)]``), mean and sample std over the runs (seeds) that
+    share a label and a value. Runs without the metric or the key are left out."""
+    from mfrecipes.evaluate.compare import load_run_curve
+
+    finals: dict[str, dict[float, list[float]]] = {}
+    for label, run_dir in runs:
+        curve = load_run_curve(run_dir, metric)
+        x = curve.recipe.get(key)
+        if curve.points and isinstance(x, (int, float)) and not isinstance(x, bool):
+            finals.setdefault(label, {}).setdefault(float(x), []).append(curve.points[-1][1])
+    out = []
+    for label, by_x in finals.items():
+        xs = sorted(by_x)
+        out.append((label, tuple(xs), tuple(statistics.fmean(by_x[x]) for x in xs),
+                    tuple(statistics.stdev(by_x[x]) if len(by_x[x]) > 1 else 0.0 for x in xs)))
+    return out
 
 
 def _selected(job: Job, patterns: list[str]) -> bool:
