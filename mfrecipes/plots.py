@@ -126,25 +126,28 @@ def save_curves(curves: Sequence[tuple[str, Sequence[float], Sequence[float]]], 
     ax = fig.add_subplot(1, 1, 1)
     for label, xs, ys in curves:
         ax.plot(list(xs), list(ys), marker="o", markersize=3, label=label)
+    return _finish_axes(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title, logy=logy,
+                        entries=len(curves))
+
+
+def _finish_axes(fig, ax, path: PathLike, *, xlabel: str, ylabel: str, title: Optional[str],
+                 logy: bool, entries: int) -> Path:
+    """Labels, scale, title, legend and grid of a line plot, then write the PNG. The legend sits
+    inside the axes for a few entries, beside them (outside) for many, where an inside legend
+    would cover the data."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logy:
         ax.set_yscale("log")
     if title:
         ax.set_title(title)
-    _legend(ax, len(curves))
+    if entries > 8:
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                  ncol=1 + entries // 24)
+    elif entries:
+        ax.legend(fontsize="small")
     ax.grid(True, alpha=0.3)
     return _save_figure(fig, path)
-
-
-def _legend(ax, n: int) -> None:
-    """Inside the axes for a few entries; beside them (outside) for many, where an inside
-    legend would cover the data."""
-    if n > 8:
-        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                  ncol=1 + n // 24)
-    elif n:
-        ax.legend(fontsize="small")
 
 
 def save_sweep(series: Sequence[tuple[str, Sequence[float], Sequence[float], Sequence[float]]],
@@ -157,12 +160,5 @@ def save_sweep(series: Sequence[tuple[str, Sequence[float], Sequence[float], Seq
     for label, xs, means, stds in series:
         ax.errorbar(list(xs), list(means), yerr=list(stds), marker="o", markersize=4,
                     capsize=3, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if logy:
-        ax.set_yscale("log")
-    if title:
-        ax.set_title(title)
-    _legend(ax, len(series))
-    ax.grid(True, alpha=0.3)
-    return _save_figure(fig, path)
+    return _finish_axes(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title, logy=logy,
+                        entries=len(series))

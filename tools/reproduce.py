@@ -48,7 +48,6 @@ import glob
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -293,7 +292,7 @@ def sweep_series(runs: list[tuple[str, str]], metric: str, key: str
     """``[(label, xs, means, stds)]``: each label's final ``metric`` against its recipe value of
     ``key`` (``runs`` = ``[(label, run_dir)]``), mean and sample std over the runs (seeds) that
     share a label and a value. Runs without the metric or the key are left out."""
-    from mfrecipes.evaluate.compare import load_run_curve
+    from mfrecipes.evaluate.compare import _mean_std, load_run_curve
 
     finals: dict[str, dict[float, list[float]]] = {}
     for label, run_dir in runs:
@@ -304,8 +303,8 @@ def sweep_series(runs: list[tuple[str, str]], metric: str, key: str
     out = []
     for label, by_x in finals.items():
         xs = sorted(by_x)
-        out.append((label, tuple(xs), tuple(statistics.fmean(by_x[x]) for x in xs),
-                    tuple(statistics.stdev(by_x[x]) if len(by_x[x]) > 1 else 0.0 for x in xs)))
+        stats = [_mean_std(by_x[x]) for x in xs]   # the same mean +- std as the tables
+        out.append((label, tuple(xs), tuple(m for m, _ in stats), tuple(s for _, s in stats)))
     return out
 
 
