@@ -65,18 +65,18 @@ def test_lambda_with_gap_range_no_clipping():
     assert g.lambda_estimate == pytest.approx(1 / (1 - 1 / 6), abs=5e-3)
 
 
-def test_lambda_with_gap_range_clipped():
+def test_lambda_with_gap_range_kept_in_bin():
     a, b = 0.3, 0.5
-    # Midpoint rule over (U1, U2) in [0, 1]^2: the gap is min(max, a + (b - a) |U1 - U2|).
+    # The gap a + (b - a) |U1 - U2| is never clipped (t is redrawn instead), so
+    # E[dt'] = a + (b - a) / 3 and lambda = 1 / (1 - E[dt']) = 1.5.
+    g = ProgressiveGapWeighting(timestep_sampler=Uniform(gap_range=[a, b]))
+    assert g.lambda_estimate == pytest.approx(1 / (1 - (a + (b - a) / 3)), abs=3e-3)
+    # Clipping r at 0 instead (gap min(t, ...)) would give another lambda: far enough apart.
     m = 2000
     u = (np.arange(m) + 0.5) / m
     u1, u2 = np.meshgrid(u, u)
-    dt = np.minimum(np.maximum(u1, u2), a + (b - a) * np.abs(u1 - u2))
-    ref = 1.0 / (1.0 - dt.mean())
-    g = ProgressiveGapWeighting(timestep_sampler=Uniform(gap_range=[a, b]))
-    assert g.lambda_estimate == pytest.approx(ref, abs=3e-3)
-    # Without the clip the answer would be 1 / (1 - (a + (b - a) / 3)) = 1.5: far enough apart.
-    assert abs(ref - 1 / (1 - (a + (b - a) / 3))) > 0.02
+    clipped = np.minimum(np.maximum(u1, u2), a + (b - a) * np.abs(u1 - u2))
+    assert abs(1.0 / (1.0 - clipped.mean()) - 1.5) > 0.02
 
 
 def test_lambda_logit_normal_and_dtd_u_branch():

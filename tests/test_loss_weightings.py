@@ -52,7 +52,7 @@ TS = [0.0, 0.05, 0.2, 1 / (1 + math.sqrt(5)), 0.5, 0.8, 0.99, 1.0]
 def test_min_snr_alpha_on_v_samples(gamma):
     t = torch.tensor(TS, dtype=torch.float64)
     err = torch.linspace(0.1, 2.0, len(TS), dtype=torch.float64)
-    w = MinSNRWeighting(gamma=gamma, p=1.0, c=0.01).weights(err, t, t.clone())
+    w = MinSNRWeighting(gamma=gamma, p=1.0, c=0.01, normalize=False).weights(err, t, t.clone())
     expect = [alpha_ref(ti, gamma) / (e + 0.01) for ti, e in zip(TS, err.tolist())]
     assert w.tolist() == pytest.approx(expect, rel=1e-12, abs=1e-15)
 
@@ -62,10 +62,25 @@ def test_min_snr_only_adaptive_on_u_samples():
     r = t * 0.5
     r[0] = 0.0  # t = 0 gives r = t: alpha(0) = 0 applies there
     err = torch.linspace(0.1, 2.0, len(TS), dtype=torch.float64)
-    w = MinSNRWeighting(p=0.75, c=1e-3).weights(err, t, r)
+    w = MinSNRWeighting(p=0.75, c=1e-3, normalize=False).weights(err, t, r)
     expect = [(0.0 if i == 0 else 1.0) / (e + 1e-3) ** 0.75 for i, e in enumerate(err.tolist())]
     assert w.tolist() == pytest.approx(expect, rel=1e-12)
-    assert MinSNRWeighting().alpha_mean == 1.0
+    assert MinSNRWeighting(normalize=False).alpha_mean == 1.0
+
+
+def test_min_snr_is_normalised_by_default():
+    """Default normalize: true; E[alpha] = 1 under the sampler's r = t law (raw it is ~0.22)."""
+    import numpy as np
+
+    raw = MinSNRWeighting(normalize=False)
+    wt = MinSNRWeighting(timestep_sampler=LogitNormal())
+    assert wt.normalize and not raw.normalize
+    rng = np.random.default_rng(11)
+    z = np.maximum(rng.normal(-0.4, 1, 400_000), rng.normal(-0.4, 1, 400_000))
+    t = torch.tensor(1 / (1 + np.exp(-z)))
+    ones = torch.zeros_like(t)  # err 0: the adaptive weight is the constant 1 / c
+    assert float((raw.weights(ones, t, t) * 0.01).mean()) == pytest.approx(0.2165, abs=3e-3)
+    assert float((wt.weights(ones, t, t) * 0.01).mean()) == pytest.approx(1.0, abs=1e-2)
 
 
 def test_min_snr_normalize_uniform_sampler():
@@ -95,10 +110,15 @@ def test_min_snr_normalize_logit_normal_against_numpy():
 def test_min_snr_normalize_uses_the_v_branch():
     from mfrecipes.timestep_samplers import DTD
 
-    # DTD stage 1: r = t samples have t ~ U[0.8, 1], where alpha = (1 - t)^2: mean 0.2^2 / 3.
-    # (Its r != t samples are logit-normal, so averaging the wrong branch would be far off.)
+    # After DTD's curriculum (the law normalised against), r = t samples have t ~ U[0, 1]; its
+    # r != t samples are logit-normal, so averaging the wrong branch would be far off.
+    mean, _ = quad(lambda x: alpha_ref(x, 5.0), 0, 1, points=[1 / (1 + math.sqrt(5))])
     wt = MinSNRWeighting(normalize=True, timestep_sampler=DTD(num_clusters=5, fm_ratio=0.5))
-    assert wt.alpha_mean == pytest.approx(0.04 / 3, rel=5e-3)
+    assert wt.alpha_mean == pytest.approx(mean, rel=5e-3)
+    # With after: base, the v branch returns to the pair's t law (max of two logit-normals)
+    base = MinSNRWeighting(normalize=True, timestep_sampler=DTD(fm_ratio=0.5, after="base"))
+    ref = MinSNRWeighting(normalize=True, timestep_sampler=LogitNormal(fm_ratio=0.5))
+    assert base.alpha_mean == pytest.approx(ref.alpha_mean, rel=5e-3)
 
 
 def test_min_snr_normalize_needs_sampler_and_v_samples():

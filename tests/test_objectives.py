@@ -216,6 +216,7 @@ CFG_SETTINGS = [
     {"omega": 0.2, "kappa": 0.92, "t_end": 0.6},                 # L/XL-like, interval
     {"omega": 1.0, "kappa": 0.5, "class_dropout": 0.4},          # with dropped samples
     {"omega": 2.0, "class_dropout": 0.4, "t_start": 0.3},
+    {"omega": 2.0, "class_dropout": 0.4, "class_dropout_rows": "any"},
     {"omega": 1.0, "kappa": 0.5, "beta_cv": 0.7, "beta_cv_source": "current"},
     {"omega": 2.0, "v_noise": 0.3, "fm_anchor_weight": 0.1, "fm_anchor_delta": 0.05},
 ]
@@ -302,10 +303,11 @@ HAND_CASES = [
     # du/dt = 2 * (-2.6) + 0.25 = -4.95, target = -2.6 + 0.4 * 4.95 = -0.62
     ({"omega": 1.0, "kappa": 0.5}, [1.75, 0.5, -0.62],
      [(2 - 1.75) ** 2, (3.0625 - 0.5) ** 2, (-1.5 + 0.62) ** 2]),
-    # every label dropped: null class (a = 0.5) and the plain v
+    # every label dropped (rows: any): null class (a = 0.5) and the plain v
     # s0: u = 0.5, target 1;  s1: u = 0.5625, du/dt = 0.5 + 0.25, target = 1 - 0.25 * 0.75
     # s2: u = -0.4 + 0.1 = -0.3, du/dt = -1 + 0.25, target = -2 + 0.4 * 0.75 = -1.7
-    ({"omega": 1.0, "kappa": 0.5, "class_dropout": 1.0}, [1.0, 0.8125, -1.7],
+    ({"omega": 1.0, "kappa": 0.5, "class_dropout": 1.0, "class_dropout_rows": "any"},
+     [1.0, 0.8125, -1.7],
      [(0.5 - 1) ** 2, (0.5625 - 0.8125) ** 2, (-0.3 + 1.7) ** 2]),
 ]
 
@@ -432,19 +434,25 @@ def test_beta_cv_schedule(schedule, progress, expected):
 # ---------------------------------------------------------------------------------------------
 # v-target corruption and the flow-matching anchor
 @pytest.mark.parametrize("selective", [True, False])
-def test_v_noise_only_touches_r_equal_t_targets(selective):
+@pytest.mark.parametrize("scale", [None, "per_element", "per_sample_norm"])
+def test_v_noise_only_touches_r_equal_t_targets(selective, scale):
+    """Kim et al. 2025, Fig. 3: noise "scaled by k ||v||", k ||v|| n with n ~ N(0, I) per element
+    (the default); per_sample_norm divides by sqrt(dim)."""
     net = TinyMLP().to(DT)
     x, y, t, r, noise = make_batch(b=12, n_equal=6)
     k = 0.3
     plain = MeanFlow(selective=selective, num_classes=NUM_CLASSES)(net, x, y, t, r, noise,
                                                                    progress=0.0)
-    noisy = MeanFlow(selective=selective, num_classes=NUM_CLASSES, v_noise=k)(
+    opts = {} if scale is None else {"v_noise_scale": scale}
+    noisy = MeanFlow(selective=selective, num_classes=NUM_CLASSES, v_noise=k, **opts)(
         net, x, y, t, r, noise, progress=0.0, generator=seeded(9))
     eq = r == t
     torch.testing.assert_close(noisy.target[~eq], plain.target[~eq], rtol=0, atol=0)
     n = torch.randn(x.shape, generator=seeded(9), dtype=DT)  # the objective's only random draw
     v = noise - x
-    expected = k * v.norm(dim=1, keepdim=True) * n / math.sqrt(x.shape[1])
+    expected = k * v.norm(dim=1, keepdim=True) * n
+    if scale == "per_sample_norm":
+        expected = expected / math.sqrt(x.shape[1])
     torch.testing.assert_close(noisy.target[eq] - plain.target[eq], expected[eq])
 
 
@@ -536,7 +544,7 @@ def test_network_calls_with_guidance():
 
 
 def test_network_calls_all_dropped_or_all_equal():
-    calls = _calls({"omega": 2.0, "class_dropout": 1.0})  # nothing to mix
+    calls = _calls({"omega": 2.0, "class_dropout": 1.0, "class_dropout_rows": "any"})  # no mix
     assert calls == [("jvp", 4, True), ("fwd", 6, True)]
     calls = _calls({}, n_equal=10)
     assert calls == [("fwd", 10, True)]

@@ -80,22 +80,48 @@ def test_fm_ratio_share(fm_ratio):
 
 
 # -- gap range ----------------------------------------------------------------------------------
+def _gap_range_reference(a, b, n, rng):
+    """numpy: t = max(U1, U2), gap = a + (b - a) |U1 - U2|; where t < gap, t is drawn afresh from
+    the law of max(U1, U2) conditioned on t >= gap, by its inverse CDF t = sqrt(g^2 + U (1 - g^2))."""
+    u1, u2 = rng.random(n), rng.random(n)
+    t, gap = np.maximum(u1, u2), a + (b - a) * np.abs(u1 - u2)
+    low = t < gap
+    t[low] = np.sqrt(gap[low] ** 2 + rng.random(low.sum()) * (1 - gap[low] ** 2))
+    return t, gap
+
+
 def test_gap_range_bounds_and_distribution():
+    """Kim et al. 2025, App. A: the rescaled gap stays inside [a, b] (t redrawn, r never clipped)."""
     a, b = 0.3, 0.5
     t, r = draw(Uniform(fm_ratio=0.25, gap_range=[a, b]))
     u = r != t
     gap = t[u] - r[u]
-    assert gap.max() <= b + 1e-6
-    # Below a only where r was clipped at 0 (then the gap is all of t).
-    assert np.all((gap >= a - 1e-6) | (r[u] == 0))
-    assert np.all(r[r == 0] == 0) and (r[u] == 0).any()
-    # t keeps its law (max of two uniforms); the gap is min(t, a + (b - a) |U1 - U2|).
-    rng = np.random.default_rng(7)
-    u1, u2 = rng.random(2_000_000), rng.random(2_000_000)
-    ref_gap = np.minimum(np.maximum(u1, u2), a + (b - a) * np.abs(u1 - u2))
-    assert abs(t[u].mean() - 2 / 3) < 0.004
+    assert gap.max() <= b + 1e-6 and gap.min() >= a - 1e-6
+    assert r.min() >= 0
+    ref_t, ref_gap = _gap_range_reference(a, b, 2_000_000, np.random.default_rng(7))
     assert abs(gap.mean() - ref_gap.mean()) < 0.002
     assert abs(np.quantile(gap, 0.5) - np.quantile(ref_gap, 0.5)) < 0.003
+    for q in (0.1, 0.5, 0.9):
+        assert abs(np.quantile(t[u], q) - np.quantile(ref_t, q)) < 0.004
+    assert abs(t[u].mean() - ref_t.mean()) < 0.003
+
+
+@pytest.mark.parametrize("gap_range", [(0.1, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.9)])
+def test_gap_range_share_outside_the_bin_is_zero(gap_range):
+    """The Fig. 4 bins under the logit-normal law: no gap outside its bin (clipping r at 0 put 43 %
+    of the [0.5, 0.7] gaps and 80 % of the [0.7, 0.9] gaps below their bin)."""
+    a, b = gap_range
+    t, r = draw(LogitNormal(fm_ratio=0.0, gap_range=list(gap_range)))
+    gap = t - r
+    outside = (gap < a - 1e-6) | (gap > b + 1e-6)
+    assert outside.mean() == 0.0
+    assert r.min() >= 0 and t.max() <= 1
+
+
+def test_gap_range_impossible_bin_is_a_clear_error():
+    s = LogitNormal(mu=-8.0, sigma=0.1, fm_ratio=0.0, gap_range=[0.9, 1.0])
+    with pytest.raises(ValueError, match=r"gap_range \[0.9, 1.0\].*t law"):
+        s.sample(64, progress=0.0, generator=torch.Generator().manual_seed(0))
 
 
 def test_gap_range_keeps_v_samples():
@@ -221,7 +247,7 @@ def test_dtd_describe():
     d = s.describe()
     assert d["stage"] == 1 and d["lowest_open_t"] == pytest.approx(0.8)
     s.observe(0.5, progress=0.0)
-    assert s.describe()["ema_loss"] == 0.5
+    assert s.describe()["watched_loss_ema"] == 0.5
 
 
 # -- every sampler ------------------------------------------------------------------------------

@@ -75,16 +75,27 @@ def check_inputs(x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, noise: torch
 
 
 def apply_class_dropout(y: Optional[torch.Tensor], p: float, num_classes: Optional[int],
-                        generator: Optional[torch.Generator]
+                        generator: Optional[torch.Generator],
+                        eligible: Optional[torch.Tensor] = None
                         ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Replace each label by the null class ``num_classes`` with probability ``p``.
+    """Replace labels by the null class ``num_classes``: a share ``p`` of the batch.
+
+    ``eligible [B]`` bool (or None: every row): only these rows may drop, each with probability
+    ``min(1, p B / n_eligible)``, so the expected share of the whole batch stays ``p`` (when
+    ``p B <= n_eligible``; otherwise every eligible row drops). One uniform draw per row either
+    way, so the two modes use the same random numbers.
 
     Returns ``(y_in [B] or None, dropped [B] bool or None)``; ``None`` when nothing can be dropped
     (unconditional batch or ``p = 0``), so the caller can skip the mask entirely.
     """
     if y is None or p <= 0:
         return y, None
-    dropped = draw(torch.rand, y.shape, generator, y.device, torch.float32) < p
+    u = draw(torch.rand, y.shape, generator, y.device, torch.float32)
+    if eligible is None:
+        dropped = u < p
+    else:
+        share = p * y.shape[0] / eligible.sum().clamp_min(1).to(torch.float32)
+        dropped = eligible & (u < share)
     return torch.where(dropped, torch.full_like(y, num_classes), y), dropped
 
 

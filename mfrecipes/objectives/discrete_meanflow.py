@@ -149,7 +149,7 @@ class DiscreteMeanFlow(MeanFlowBased):
         z, v = interpolate(x, noise, t)                   # [B, ...]
         h = t - r                                         # [B]
         is_avg = h != 0                                   # [B] r != t
-        y, dropped = apply_class_dropout(y, g.class_dropout, self.num_classes, generator)
+        y, dropped = self.drop_labels(y, t, r, generator)
         guided = g.mask(t, y, dropped)                    # [B] bool or None
         eq_idx = (~is_avg).nonzero().squeeze(1)
 

@@ -40,6 +40,8 @@ from mfrecipes.registry import OBJECTIVES
 __all__ = ["MeanFlow", "MeanFlowBased", "MeanFlowSettings"]
 
 JVP_DTYPES = (None, "float32")
+V_NOISE_SCALES = ("per_element", "per_sample_norm")
+DROPOUT_ROWS = ("r_eq_t", "any")
 
 
 def _rows(mask: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,20 @@ class MeanFlowSettings:
     t_start: float = 0.0
     t_end: float = 1.0
     class_dropout: float = 0.0
+    class_dropout_rows: str = "r_eq_t"
     num_classes: Optional[int] = None
+
+    def drop_labels(self, y: Optional[torch.Tensor], t: torch.Tensor, r: torch.Tensor,
+                    generator: Optional[torch.Generator]
+                    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Class dropout by ``class_dropout_rows``: ``r_eq_t`` (default) drops only among the
+        ``r = t`` rows, at ``class_dropout`` of the whole batch, as the official MeanFlow code
+        couples them (its dropped rows and its r = t rows are both the first rows of the batch,
+        so the null class only learns the instantaneous velocity that guidance uses); ``any``
+        drops each row with probability ``class_dropout``."""
+        eligible = (t == r) if self.class_dropout_rows == "r_eq_t" else None
+        return apply_class_dropout(y, self.class_dropout, self.num_classes, generator,
+                                   eligible=eligible)
 
 
 @OBJECTIVES.register("meanflow")
@@ -85,8 +100,13 @@ class MeanFlow(MeanFlowSettings):
         stored in bf16).
     omega, kappa, t_start, t_end, class_dropout: training-time guidance (METHOD.md section 4);
         omega = 1 and kappa = 0 is no guidance. A dropped sample gets the null label and plain v.
-    v_noise: k of the v-target corruption (Fig. 3): ``k ||v|| n / sqrt(dim)`` is added to the
-        target of the r = t samples only, never to the tangent.
+    class_dropout_rows: "r_eq_t" (default: labels drop only on r = t rows, at class_dropout of
+        the whole batch, the official code's coupling) or "any" (every row may drop).
+    v_noise, v_noise_scale: k of the v-target corruption (Kim et al. 2025, Fig. 3), added to the
+        target of the r = t samples only, never to the tangent. ``v_noise_scale`` "per_element"
+        (default, as the paper writes it: noise "scaled by k ||v||", ``k ||v|| n`` with
+        ``n ~ N(0, I)`` per element, ``||v||`` the sample's norm) or "per_sample_norm"
+        (``k ||v|| n / sqrt(dim)``: noise of norm about ``k ||v||``, sqrt(dim) times weaker).
     beta_cv, beta_cv_source, beta_cv_schedule, beta_cv_s0, beta_cv_s1: control-variate tangent
         (METHOD.md section 7); source "ema" uses the ``ema_net`` passed to the call and falls
         back to the current net when there is none (diagnostic ``cv_ema_fallback`` = 1).
@@ -99,6 +119,7 @@ class MeanFlow(MeanFlowSettings):
     """
 
     v_noise: float = 0.0
+    v_noise_scale: str = "per_element"
     beta_cv: float = 0.0
     beta_cv_source: str = "ema"
     beta_cv_schedule: str = "constant"
@@ -127,6 +148,12 @@ class MeanFlow(MeanFlowSettings):
             raise ValueError(f"jvp_dtype must be one of {JVP_DTYPES}, got {self.jvp_dtype!r}")
         if not self.v_noise >= 0:
             raise ValueError(f"v_noise must be >= 0, got {self.v_noise!r}")
+        if self.v_noise_scale not in V_NOISE_SCALES:
+            raise ValueError(f"v_noise_scale must be one of {V_NOISE_SCALES}, "
+                             f"got {self.v_noise_scale!r}")
+        if self.class_dropout_rows not in DROPOUT_ROWS:
+            raise ValueError(f"class_dropout_rows must be one of {DROPOUT_ROWS}, "
+                             f"got {self.class_dropout_rows!r}")
         if not self.fm_anchor_weight >= 0:
             raise ValueError(f"fm_anchor_weight must be >= 0, got {self.fm_anchor_weight!r}")
         if not self.fm_anchor_delta >= 0:
@@ -147,7 +174,7 @@ class MeanFlow(MeanFlowSettings):
         z, v = interpolate(x, noise, t)                   # [B, ...]
         h = t - r                                         # [B]
         is_avg = h != 0                                   # [B] r != t
-        y, dropped = apply_class_dropout(y, g.class_dropout, self.num_classes, generator)
+        y, dropped = self.drop_labels(y, t, r, generator)
         guided = g.mask(t, y, dropped)                    # [B] bool or None
         beta = self._cv.at(progress)
 
@@ -225,8 +252,11 @@ class MeanFlow(MeanFlowSettings):
         target = torch.cat(parts_tgt)[inverse].detach()
 
         if self.v_noise > 0:
-            # v-target corruption (Fig. 3): k ||v|| n / sqrt(dim), on the L_v targets only
-            scale = self.v_noise * v.flatten(1).norm(dim=1) / sample_dim(v) ** 0.5
+            # v-target corruption (Kim et al. 2025, Fig. 3), on the L_v targets only: k ||v|| n
+            # (or k ||v|| n / sqrt(dim) with v_noise_scale: per_sample_norm)
+            scale = self.v_noise * v.flatten(1).norm(dim=1)
+            if self.v_noise_scale == "per_sample_norm":
+                scale = scale / sample_dim(v) ** 0.5
             corrupt = as_batch(scale, v) * randn_like_sample(v, generator)
             target = target + torch.where(as_batch(is_avg, v), 0.0, corrupt).to(target.dtype)
 
@@ -251,6 +281,7 @@ class MeanFlow(MeanFlowSettings):
             stats["cfg_share"] = guided.float().mean()
         if dropped is not None:
             stats["drop_share"] = dropped.float().mean()
+            stats["drop_share_u_rows"] = masked_mean(dropped.float(), is_avg)
         if self.beta_cv > 0:
             stats["beta_cv"] = beta
             stats["cv_ema_fallback"] = float(ema_fallback)
@@ -269,5 +300,5 @@ class MeanFlowBased(MeanFlowSettings):
 
     @_meanflow.default
     def _make_meanflow(self) -> MeanFlow:
-        names = [f.name for f in attrs.fields(MeanFlowSettings)]
+        names = [f.name for f in attrs.fields(MeanFlowSettings)]  # the settings, none else
         return MeanFlow(**{name: getattr(self, name) for name in names})

@@ -1,10 +1,19 @@
 """DTD: the denoising-task-difficulty curriculum over t (Kim, Go, Kwon, Kim, ICLR 2025).
 
-Confirmed from the DTD paper (METHOD.md section 5): t is split into N clusters ``C_1 .. C_N``,
-``C_N`` the easiest (most noise, t near 1) and ``C_1`` the hardest (t near 0). Training starts on
-``C_N`` and accumulates harder clusters: stage n samples the union of the n easiest clusters,
+Confirmed from the DTD paper: t is split into N clusters ``C_1 .. C_N``, ``C_N`` the easiest
+(most noise, t near 1) and ``C_1`` the hardest (t near 0). Training starts on ``C_N`` and
+accumulates harder clusters: stage n samples the union of the n easiest clusters,
 ``[edges[N - n], 1]``. Pacing is adaptive: the next cluster opens when the training loss has not
 improved for ``patience`` observations; once all clusters are open, t covers the whole range.
+Kim et al. 2025 (Sec. 5, Eq. 9) use it as the t law of the improved objective, written
+``t ~ p_acc(t)`` for the whole expectation.
+
+What the curriculum watches (Kim et al. 2025 do not say; our reading): a loss that falls as the
+model learns, the UNWEIGHTED error of the ``r = t`` rows (mean of ``err`` over those rows, before
+any loss weighting), averaged across ranks; the training loop feeds it through :meth:`observe`.
+The weighted loss would not do: with adaptive weighting ``w * err = err / (err + c) ~ 1`` for every
+sample, so it stays flat and a cluster would open every ``patience`` steps whatever the model
+learns (a timer, not a curriculum).
 
 Our reading, where neither the DTD paper nor Kim et al. 2025 say:
 
@@ -19,11 +28,14 @@ Our reading, where neither the DTD paper nor Kim et al. 2025 say:
 - ``pacing: fixed`` is the deterministic alternative: stage n + 1 opens at progress
   ``stage_fractions[n - 1]`` (default evenly spaced, the last at ``curriculum_end``). With either
   pacing every cluster is open from ``curriculum_end`` on.
-- DTD replaces the t distribution of the v branch only (Kim et al. 2025: "p_acc(t) for the r = t
-  samples"): the ``r != t`` samples keep the logit-normal pair (two draws of ``LN(mu, sigma)``,
-  t = max, r = min), so their law does not change over training. ``apply_to: all`` also draws
-  the t of the ``r != t`` samples from the curriculum and keeps the pair's gap:
-  ``r = max(t - (t_pair - r_pair), 0)``.
+- ``after``: the v branch's t law once every cluster is open. ``uniform`` (default) is DTD's own
+  rule, t uniform over the union of all clusters, [0, 1]; ``base`` returns to the pair's
+  logit-normal t law, the recipe's law without a curriculum.
+- Which samples: Eq. 9 draws t from ``p_acc`` for the whole expectation; we apply the curriculum
+  to the v branch (the ``r = t`` samples) by default, so the ``r != t`` samples keep the
+  logit-normal pair (two draws of ``LN(mu, sigma)``, t = max, r = min) and their law does not
+  change over training. ``apply_to: all`` also draws the t of the ``r != t`` samples from the
+  curriculum and keeps the pair's gap: ``r = max(t - (t_pair - r_pair), 0)``.
 
 The curriculum state (stage, best, patience counter, EMA) is the only mutable part; it lives in a
 small object and round-trips through :meth:`DTD.state_dict` / :meth:`DTD.load_state_dict`.
@@ -91,6 +103,7 @@ class DTD(PairSampler):
                                                             validator=_check_fractions)
     curriculum_end: float = attrs.field(default=0.5, validator=number(0.0, 1.0, lo_open=True))
     apply_to: str = attrs.field(default="v", validator=one_of("v", "all"))
+    after: str = attrs.field(default="uniform", validator=one_of("uniform", "base"))
     mu: float = attrs.field(default=-0.4, validator=number())
     sigma: float = attrs.field(default=1.0, validator=number(0.0, lo_open=True))
 
@@ -137,8 +150,9 @@ class DTD(PairSampler):
         return self.edges[self.num_clusters - stage]
 
     def observe(self, loss: float, progress: float) -> None:
-        """Loss feedback (called every step): update the EMA and, if adaptive, open a cluster when
-        the EMA has not improved by ``min_improvement`` for ``patience`` observations."""
+        """Loss feedback, called every step with the unweighted error of the ``r = t`` rows: update
+        the EMA and, if adaptive, open a cluster when the EMA has not improved by
+        ``min_improvement`` for ``patience`` observations."""
         loss = float(loss)
         if not math.isfinite(loss):
             return  # a non-finite step is the loop's business, not evidence of a plateau
@@ -178,7 +192,7 @@ class DTD(PairSampler):
         out = {"stage": st.stage, "num_clusters": self.num_clusters,
                "lowest_open_t": self.lowest_open_t(st.stage), "patience_counter": st.counter}
         if st.ema is not None:
-            out["ema_loss"] = st.ema
+            out["watched_loss_ema"] = st.ema
         if st.best is not None:
             out["best_ema_loss"] = st.best
         return out
@@ -193,13 +207,16 @@ class DTD(PairSampler):
         a = logit_normal(n, self.mu, self.sigma, generator=generator, device=device)
         b = logit_normal(n, self.mu, self.sigma, generator=generator, device=device)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
-        if self.apply_to == "all":
+        if self.apply_to == "all" and not self._finished(progress):
             t_acc = self._curriculum_t(n, progress=progress, generator=generator, device=device)
             t, r = t_acc, (t_acc - (t - r)).clamp_min(0.0)
         return t, r
 
+    def _finished(self, progress) -> bool:
+        return self.after == "base" and self.stage_at(progress) >= self.num_clusters
+
     def _v_time(self, t, *, progress, generator):
-        if self.apply_to == "all":
+        if self.apply_to == "all" or self._finished(progress):
             return t
         return self._curriculum_t(t.shape[0], progress=progress, generator=generator,
                                   device=t.device)

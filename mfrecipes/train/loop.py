@@ -4,18 +4,21 @@ batch -> (t, r) -> objective -> weights -> backward -> step -> EMA -> log / chec
 
 Progress is counted in images seen; ``progress`` in [0, 1] is what the components see: images /
 total images, or, in a multi-stage recipe, the fraction of the current stage's images.
-Everything random comes from two places whose states are checkpointed: a CPU ``torch.Generator``
-for (t, r) and noise, and torch's global RNG (class dropout inside objectives), so a resumed run
-reproduces an uninterrupted one bit for bit on the CPU.
+Everything random comes from one CPU ``torch.Generator`` per purpose (``streams.py``: (t, r),
+noise, the objective's own draws such as class dropout), seeded from the run seed and
+checkpointed with torch's global RNG, so a resumed run reproduces an uninterrupted one bit for bit
+on the CPU; evaluation runs inside ``torch.random.fork_rng`` and draws from none of them, so the
+evaluation cadence does not change the trajectory.
 
-With several ranks (``engine: deepspeed``), the generator is the same on every rank: each step
-draws (t, r) and noise for the whole global batch and rank k takes rows k::world_size of them, so
+With several ranks (``engine: deepspeed``), the (t, r) and noise streams are the same on every
+rank: each step draws them for the whole global batch and rank k takes rows k::world_size, so
 the draws do not depend on the world size. Each rank reads its own share of the data, the loss
 is averaged across ranks before it is logged or fed back to a sampler, and every rank takes part
 in a checkpoint; rank 0 alone logs, evaluates and writes the plain files.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -31,6 +34,7 @@ from mfrecipes.train.compile import compile_backbone
 from mfrecipes.train.ema import EMA
 from mfrecipes.train.log import RunLogger, truncate_metrics
 from mfrecipes.train.rundir import write_run_records
+from mfrecipes.train.streams import RandomStreams
 
 
 def pick_device(name: str) -> torch.device:
@@ -70,13 +74,15 @@ class Trainer:
         self.ema = EMA(self.net, cfg.ema_decays)
         if cfg.compile:  # after the EMA copies: they stay eager
             compile_backbone(self.net, cfg.compile_mode)
-        if self.rank:  # the objective's own draws (class dropout) differ between ranks
+        if self.rank:  # anything left on the global RNG (dropout layers) differs between ranks
             torch.manual_seed(recipe.run.seed + 7919 * self.rank)
-        # Shared by all ranks: (t, r) and noise are drawn for the global batch (see _train_step).
-        self.generator = torch.Generator().manual_seed(recipe.run.seed * 1_000_003 + 7)
+        # (t, r) and noise are shared by all ranks, drawn for the global batch (see _train_step);
+        # the objective's stream is per rank.
+        self.streams = RandomStreams(recipe.run.seed, rank=self.rank)
         self.images = 0       # global images seen
         self.step = 0
         self.nonfinite = 0
+        self.watched_loss = math.nan  # the last step's unweighted r = t error (DTD's feedback)
         self.data_position = 0  # samples this rank has consumed
         self.plan = rbuild.stage_plan(recipe)
         self.stage_idx = -1
@@ -99,6 +105,14 @@ class Trainer:
         parts = rbuild.build_light(st.recipe, num_classes=self.info.num_classes,
                                    device=self.device)
         self.objective = parts["objective"]
+        # The objective's own draws come from its stream; an objective (a plugin's) whose call
+        # takes no ``generator`` keyword draws from the global RNG instead.
+        try:
+            params = inspect.signature(self.objective.__call__).parameters
+        except (TypeError, ValueError):
+            params = {}
+        self._objective_takes_generator = "generator" in params or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         self.sampler = parts["timestep_sampler"]
         self.loss_weighting = parts["loss_weighting"]
         self.gap_schedule = parts["gap_schedule"]
@@ -131,7 +145,8 @@ class Trainer:
     # -- state ----------------------------------------------------------------------------------
     def rank_state(self) -> dict[str, Any]:
         """What differs between ranks: the data position and torch's RNG."""
-        state = {"data_position": self.data_position, "torch_rng": torch.get_rng_state()}
+        state = {"data_position": self.data_position, "torch_rng": torch.get_rng_state(),
+                 "streams": self.streams.rank_state()}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -141,7 +156,7 @@ class Trainer:
         state = {
             "images": self.images, "step": self.step, "nonfinite": self.nonfinite,
             "stage": self.stage_idx,
-            "generator": self.generator.get_state(),
+            "streams": self.streams.shared_state(),
             "world_size": self.world,
             "ranks": self.engine.gather(self.rank_state()),
             "engine": self.engine.state_dict(),
@@ -185,12 +200,20 @@ class Trainer:
         # Component states belong to the stage that was running when the checkpoint was written.
         self._enter_stage(state.get("stage", 0))
         self.nonfinite = state["nonfinite"]
-        self.generator.set_state(state["generator"])
         ranks = state.get("ranks") or [state]  # older single-process layout
+        if "streams" in state:
+            self.streams.load_shared_state(state["streams"])
+        else:  # a checkpoint from before one stream per purpose: one generator for (t, r), noise
+            self.streams.timesteps.set_state(state["generator"])
+            self.resume_note += ("; checkpoint from an older version (one generator for (t, r) "
+                                 "and noise): noise and objective draws differ from an "
+                                 "uninterrupted run")
         if len(ranks) == self.world:
             mine = ranks[self.rank]
             self.data_position = mine["data_position"]
             torch.set_rng_state(mine["torch_rng"])
+            if "streams" in mine:
+                self.streams.load_rank_state(mine["streams"])
             if "cuda_rng" in mine and self.device.type == "cuda":
                 torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
         else:
@@ -198,6 +221,7 @@ class Trainer:
             # at the same fraction of an epoch, with fresh per-rank RNG.
             self.data_position = self.images // self.world
             torch.manual_seed(self.recipe.run.seed + 7919 * self.rank + self.step)
+            self.streams.reseed_rank(self.step)
             self.resume_note += (f"; world size {len(ranks)} -> {self.world}: data order and "
                                  f"per-rank randomness differ from an uninterrupted run")
         for name in ("sampler", "loss_weighting", "gap_schedule", "objective"):
@@ -208,6 +232,13 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, logger: RunLogger) -> dict[str, float]:
+        # Evaluation draws only from its own seeded generators; fork_rng also restores the global
+        # RNG should a metric model or a decoder draw from it, so training never sees it.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._evaluate(logger)
+
+    def _evaluate(self, logger: RunLogger) -> dict[str, float]:
         from mfrecipes import evaluate, generate, plots
 
         ev = self.recipe.eval
@@ -287,7 +318,8 @@ class Trainer:
         mb = self.engine.micro_batch_size()
         accum = self.engine.accumulation_steps()
         batches = self.dataset.batches(mb, start=self.data_position)
-        window = {"loss": 0.0, "n": 0, "t0": time.time(), "images0": self.images}
+        window = {"loss": 0.0, "n": 0, "watched": 0.0, "nw": 0, "t0": time.time(),
+                  "images0": self.images}
         result: dict[str, Any] = {}
         try:
             while self.images < cfg.total_images:
@@ -305,6 +337,9 @@ class Trainer:
                 if math.isfinite(loss_value):
                     window["loss"] += loss_value
                     window["n"] += 1
+                if math.isfinite(self.watched_loss):
+                    window["watched"] += self.watched_loss
+                    window["nw"] += 1
                 if _crossed(before, self.images, cfg.log_every_images) or \
                         self.images >= cfg.total_images:
                     dt = max(time.time() - window["t0"], 1e-9)
@@ -313,8 +348,10 @@ class Trainer:
                                 "grad_norm": grad_norm, "lr": cfg.lr,
                                 "img_per_s": (self.images - window["images0"]) / dt,
                                 "nonfinite": self.nonfinite,
-                                **diag, **self.dataset.counters()})
-                    window = {"loss": 0.0, "n": 0, "t0": time.time(), "images0": self.images}
+                                **diag, **self._pacing_record(window),
+                                **self.dataset.counters()})
+                    window = {"loss": 0.0, "n": 0, "watched": 0.0, "nw": 0, "t0": time.time(),
+                              "images0": self.images}
                 done = self.images >= cfg.total_images
                 if _crossed(before, self.images, ev.every_images) and not done and is_main:
                     result.update(self.evaluate(logger))
@@ -326,17 +363,30 @@ class Trainer:
             logger.close()
         return {"images": self.images, "step": self.step, "nonfinite": self.nonfinite, **result}
 
+    def _pacing_record(self, window: dict) -> dict[str, float]:
+        """For a sampler that reacts to training (DTD): its state and the loss it watches (the
+        mean unweighted r = t error over the log window), at every log line."""
+        if not hasattr(self.sampler, "observe"):
+            return {}
+        out = {f"sampler/{k}": v for k, v in self.sampler.describe().items()} \
+            if hasattr(self.sampler, "describe") else {}
+        if window["nw"]:
+            out["sampler/watched_loss"] = window["watched"] / window["nw"]
+        return out
+
     def _train_step(self, batches, mb: int, accum: int) -> tuple[float, dict, float]:
         progress = self.progress()
         # (t, r) and noise for the whole global batch, identical on every rank; this rank takes
         # rows rank::world, micro batch by micro batch (so the draws do not depend on the world).
         global_b = mb * accum * self.world
-        t_all, r_all = self.sampler.sample(global_b, progress=progress, generator=self.generator,
-                                           device=self.device)
-        noise_all = torch.randn((global_b, *self.info.sample_shape), generator=self.generator)
+        t_all, r_all = self.sampler.sample(global_b, progress=progress,
+                                           generator=self.streams.timesteps, device=self.device)
+        noise_all = torch.randn((global_b, *self.info.sample_shape), generator=self.streams.noise)
+        extra = {"generator": self.streams.objective} if self._objective_takes_generator else {}
         mine = slice(self.rank, None, self.world)
         t_all, r_all, noise_all = t_all[mine], r_all[mine], noise_all[mine]
         total = 0.0
+        v_sum, v_count = 0.0, 0
         diag: dict[str, float] = {}
         for a in range(accum):
             x, y = next(batches)
@@ -348,8 +398,13 @@ class Trainer:
             noise = noise_all[rows].to(self.device)
             with self.engine.autocast():
                 out = self.objective(self.net, x, y, t, r, noise, progress=progress,
-                                     ema_net=self.ema.module())
+                                     ema_net=self.ema.module(), **extra)
             err = out.err.float()
+            # What a curriculum watches: the unweighted error of the r = t rows (sum and count,
+            # so the mean over micro batches and ranks is over rows, not over partial means).
+            v_rows = ~out.is_average
+            v_sum += float(err.detach()[v_rows].sum())
+            v_count += int(v_rows.sum())
             # Loss = mean(adaptive [* MinSNR alpha] * progressive beta * err) (Kim et al., Eqs. 8-9)
             w = self.loss_weighting.weights(err, t, r) * self.gap_schedule.weights(t, r, progress)
             loss = (w.detach() * err).mean() / accum
@@ -358,8 +413,11 @@ class Trainer:
             for k, v in out.diagnostics.items():
                 diag[f"obj/{k}"] = diag.get(f"obj/{k}", 0.0) + float(v) / accum
         # The mean over ranks: what is logged, what samplers observe, what decides a skip.
-        total, *values = self.engine.mean_across_ranks([total, *diag.values()])
+        total, v_sum, v_count, *values = self.engine.mean_across_ranks(
+            [total, v_sum, float(v_count), *diag.values()])
         diag = dict(zip(diag, values))
+        # The mean unweighted v error, NaN when no row had r = t (nothing to observe).
+        self.watched_loss = v_sum / v_count if v_count > 0 else math.nan
         max_nonfinite = self.stage.recipe.train.max_nonfinite
         if math.isfinite(total):
             self.engine.step()  # clips; drops the update itself if the gradient is non-finite
@@ -380,8 +438,11 @@ class Trainer:
                     f"train.grad_clip, or check the data")
             return total, diag, grad_norm
         self.ema.update(self.net)
-        if hasattr(self.sampler, "observe"):
-            self.sampler.observe(total, progress)
+        if hasattr(self.sampler, "observe") and math.isfinite(self.watched_loss):
+            # The unweighted r = t error, never the weighted loss: with adaptive weighting
+            # w * err = err / (err + c) ~ 1 is flat, and a curriculum fed it would open a cluster
+            # every `patience` steps whatever the model learns.
+            self.sampler.observe(self.watched_loss, progress)
         return total, diag, grad_norm
 
 
