@@ -697,3 +697,40 @@ def test_alphaflow_network_calls():
 def test_alphaflow_bad_params(params, match):
     with pytest.raises(ValueError, match=match):
         AlphaFlow(num_classes=NUM_CLASSES, **params)
+
+
+# ---------------------------------------------------------------------------------------------
+# class dropout coupled to the r = t rows (the official code's coupling)
+@pytest.mark.parametrize("rows", [None, "r_eq_t", "any"])
+def test_class_dropout_rows(rows):
+    """Default: labels drop only on r = t rows, at class_dropout of the whole batch; "any": on
+    every row. Counted from the labels the network sees (the null class is NUM_CLASSES)."""
+    torch.manual_seed(0)
+    b, p = 4000, 0.1
+    seen = []
+
+    class Spy(TinyMLP):
+        def forward(self, z, t, h, y=None):
+            seen.append(y.clone())
+            return super().forward(z, t, h, y)
+    net = Spy().to(DT)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(b, 3, dtype=DT, generator=g)
+    noise = torch.randn(b, 3, dtype=DT, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (b,), generator=g)
+    t = torch.rand(b, dtype=DT, generator=g)
+    r = torch.where(torch.rand(b, generator=g) < 0.75, t, t * 0.5)
+    opts = {} if rows is None else {"class_dropout_rows": rows}
+    obj = MeanFlow(num_classes=NUM_CLASSES, class_dropout=p, jvp_impl="torch_func",
+                   selective=False, **opts)
+    out = obj(net, x, y, t, r, noise, progress=0.0, generator=seeded(1))
+    labels = seen[-1]  # the one call over the whole batch, in batch order
+    dropped = labels == NUM_CLASSES
+    avg = r != t
+    share_u = dropped[avg].double().mean().item()
+    assert dropped.double().mean().item() == pytest.approx(p, abs=0.015)
+    if rows == "any":
+        assert share_u == pytest.approx(p, abs=0.03)
+    else:
+        assert share_u == 0.0
+        assert out.diagnostics["drop_share_u_rows"] == 0.0

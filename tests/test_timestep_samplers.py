@@ -321,3 +321,25 @@ def test_bad_params_through_registry_name_the_path():
 def test_bad_batch_size_raises():
     with pytest.raises(ValueError, match="batch_size"):
         Uniform().sample(-1, progress=0.0, generator=torch.Generator())
+
+
+@pytest.mark.parametrize("after", ["uniform", "base"])
+def test_dtd_after_the_curriculum(after):
+    """Once every cluster is open the v branch's t is uniform on [0, 1] (DTD's rule) or returns
+    to the pair's law, the max of two LN(mu, sigma) (after: base)."""
+    s = DTD(num_clusters=5, fm_ratio=1.0, after=after)
+    s.load_state_dict({"stage": 5, "best": None, "counter": 0, "ema": None})
+    t, r = draw(s, progress=0.7)
+    assert np.all(t == r)
+    if after == "uniform":
+        ref = np.linspace(0, 1, 1001)
+    else:
+        rng = np.random.default_rng(2)
+        z = np.maximum(rng.normal(-0.4, 1, 2_000_000), rng.normal(-0.4, 1, 2_000_000))
+        ref = 1 / (1 + np.exp(-z))
+    for q in (0.1, 0.5, 0.9):
+        assert abs(np.quantile(t, q) - np.quantile(ref, q)) < 0.005
+    # before every cluster is open, both follow the curriculum (t in the open clusters)
+    s.load_state_dict({"stage": 2, "best": None, "counter": 0, "ema": None})
+    t, _ = draw(s, progress=0.1)
+    assert t.min() >= 0.6 - 1e-6
