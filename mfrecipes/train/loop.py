@@ -352,6 +352,7 @@ class Trainer:
             err = out.err.float()
             # Loss = mean(adaptive [* MinSNR alpha] * progressive beta * err) (Kim et al., Eqs. 8-9)
             w = self.loss_weighting.weights(err, t, r) * self.gap_schedule.weights(t, r, progress)
+            w = w * out.loss_scale  # the objective's own row factor (AlphaFlow's alpha)
             loss = (w.detach() * err).mean() / accum
             self.engine.backward(loss)
             total += float(loss.detach())
