@@ -1,5 +1,5 @@
-"""AlphaFlow (Zhang et al. 2025; METHOD.md section 7): a curriculum from trajectory flow matching
-to MeanFlow without a JVP until the end.
+"""AlphaFlow (Zhang et al. 2025): a curriculum from trajectory flow matching to MeanFlow without
+a JVP until the end.
 
 For r != t samples, with s = alpha r + (1 - alpha) t::
 
@@ -9,13 +9,14 @@ where u(z, r, s) is the average velocity over [r, s]: the net is called as (z, t
 alpha = 1 is trajectory flow matching (every sample regressed on v_g); alpha = 0 is MeanFlow and
 uses its JVP target. alpha follows a sigmoid from 1 to 0 over a window of training progress:
 ``alpha = 1 - sigmoid(gamma (p - mid) / (p1 - p0))`` with gamma = 25, snapped to 1 (0) within
-``snap`` of 1 (0) (AlphaFlow, Alg. 2). Our reading: r = t samples always regress on v_g (the
-formula is 0/0 there), as in MeanFlow.
+``snap`` of 1 (0) (Zhang et al. 2025, Alg. 2). Our reading: r = t samples always regress on v_g
+(the formula is 0/0 there), as in MeanFlow.
 
-Weighting: the paper weights discrete samples by ``alpha / (err + c)``. The loss weightings here
-see only ``err``, so the alpha factor is exposed as the ``alpha`` diagnostic and, with
-``scale_err_by_alpha=True``, multiplied into ``err`` of the r != t samples (note that an adaptive
-weighting with p = 1 then largely normalises it away: 1 / (alpha err + c) * alpha err).
+Weighting: the authors' code weights the rows with the discrete target by ``alpha / (err + c)``.
+The factor alpha is returned as ``loss_scale`` (alpha on the r != t rows, 1 elsewhere), which the
+trainer multiplies in after the loss weighting, so with adaptive weighting (p = 1) a discrete row
+contributes ``alpha err / (err + c)``. Folding alpha into ``err`` instead would not work: the
+adaptive weight ``1 / (alpha err + c)`` would cancel it.
 """
 from __future__ import annotations
 
@@ -53,9 +54,11 @@ class AlphaFlow(MeanFlowBased):
     alpha_start, alpha_end: the progress window of the sigmoid (alpha = 1 before, 0 after).
     gamma: sigmoid sharpness (paper: 25). snap: alpha within this of 0 or 1 is set to 0 or 1.
     target_clamp: |u_tgt| bound on the r != t samples (paper configs: 4.0); None: no clamp.
-    scale_err_by_alpha: multiply err of r != t samples by alpha (the paper's weight factor).
+    weight_by_alpha: weight the r != t rows by alpha on top of the loss weighting (the authors'
+        ``alpha / (err + c)``; ``loss_scale`` of the output). False: every row weighs 1.
     selective, jvp_impl, jvp_dtype: passed to the MeanFlow target used at alpha = 0.
-    omega, kappa, t_start, t_end, class_dropout: training-time guidance (METHOD.md section 4).
+    omega, kappa, t_start, t_end, class_dropout: training-time guidance as in MeanFlow
+        (Geng et al. 2025); see ``Guidance``.
     num_classes: set by the framework from the dataset (None: unconditional).
     """
 
@@ -65,7 +68,7 @@ class AlphaFlow(MeanFlowBased):
     gamma: float = 25.0
     snap: float = 5e-3
     target_clamp: Optional[float] = 4.0
-    scale_err_by_alpha: bool = False
+    weight_by_alpha: bool = True
 
     def __attrs_post_init__(self) -> None:
         if self.alpha is not None and not 0 <= self.alpha <= 1:
@@ -79,9 +82,13 @@ class AlphaFlow(MeanFlowBased):
             raise ValueError(f"snap must be in [0, 0.5), got {self.snap!r}")
         if self.target_clamp is not None and not self.target_clamp > 0:
             raise ValueError(f"target_clamp must be > 0 or None, got {self.target_clamp!r}")
+        if not isinstance(self.weight_by_alpha, bool):
+            raise ValueError(f"weight_by_alpha must be true or false, got "
+                             f"{self.weight_by_alpha!r}")
 
     def alpha_at(self, progress: float) -> float:
-        """alpha at ``progress``: sigmoid from 1 to 0 over [alpha_start, alpha_end] (Alg. 2)."""
+        """alpha at ``progress``: sigmoid from 1 to 0 over [alpha_start, alpha_end]
+        (Zhang et al. 2025, Alg. 2)."""
         if self.alpha is not None:
             a = self.alpha
         elif self.alpha_end == self.alpha_start:
@@ -113,7 +120,7 @@ class AlphaFlow(MeanFlowBased):
         z, v = interpolate(x, noise, t)                   # [B, ...]
         h = t - r                                         # [B]
         is_avg = h != 0                                   # [B] r != t
-        y, dropped = apply_class_dropout(y, g.class_dropout, self.num_classes, generator)
+        y, dropped = self.drop_labels(y, t, r, generator)
         guided = g.mask(t, y, dropped)                    # [B] bool or None
         avg_idx = is_avg.nonzero().squeeze(1)
         eq_idx = (~is_avg).nonzero().squeeze(1)
@@ -148,8 +155,11 @@ class AlphaFlow(MeanFlowBased):
         target = target.detach()
 
         err = sum_sq(u - target)                          # [B]
-        if self.scale_err_by_alpha and alpha != 1:
-            err = torch.where(is_avg, alpha * err, err)
+        # The authors' weight alpha / (err + c) on the discrete rows: alpha leaves err alone and
+        # multiplies the weight after the loss weighting (inside err, 1 / (err + c) cancels it).
+        scale = torch.ones_like(err.detach())
+        if self.weight_by_alpha:
+            scale = torch.where(is_avg, torch.full_like(scale, alpha), scale)
         err_d = err.detach()
         stats = {
             "alpha": alpha,
@@ -163,4 +173,4 @@ class AlphaFlow(MeanFlowBased):
         if dropped is not None:
             stats["drop_share"] = dropped.float().mean()
         return ObjectiveOutput(err=err, is_average=is_avg, u=u.detach(), target=target,
-                               diagnostics=to_floats(stats))
+                               diagnostics=to_floats(stats), loss_scale=scale)

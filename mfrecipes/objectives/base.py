@@ -33,7 +33,8 @@ __all__ = [
 class ObjectiveOutput:
     """One objective evaluation on a batch.
 
-    ``err`` carries the autograd graph; everything else is detached.
+    ``err`` carries the autograd graph; everything else is detached. The trainer's loss is
+    ``mean(loss_weighting(err) * gap_schedule * loss_scale * err)``.
     """
 
     err: torch.Tensor          # [B] unweighted per-sample squared error, summed over non-batch dims
@@ -41,6 +42,10 @@ class ObjectiveOutput:
     u: torch.Tensor            # [B, ...] the prediction, detached
     target: torch.Tensor       # [B, ...] the regression target, detached
     diagnostics: dict = attrs.field(factory=dict)  # str -> float, for logging only
+    # [B] a per-row factor of the objective's own that the trainer multiplies into the loss
+    # weight after the loss weighting and gap schedule (AlphaFlow's alpha); ones by default.
+    loss_scale: torch.Tensor = attrs.field(
+        default=attrs.Factory(lambda self: torch.ones_like(self.err.detach()), takes_self=True))
 
 
 def as_batch(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -107,9 +107,12 @@ class MeanFlow(MeanFlowSettings):
         (default, as the paper writes it: noise "scaled by k ||v||", ``k ||v|| n`` with
         ``n ~ N(0, I)`` per element, ``||v||`` the sample's norm) or "per_sample_norm"
         (``k ||v|| n / sqrt(dim)``: noise of norm about ``k ||v||``, sqrt(dim) times weaker).
-    beta_cv, beta_cv_source, beta_cv_schedule, beta_cv_s0, beta_cv_s1: control-variate tangent
-        (METHOD.md section 7); source "ema" uses the ``ema_net`` passed to the call and falls
-        back to the current net when there is none (diagnostic ``cv_ema_fallback`` = 1).
+    beta_cv, beta_cv_source: control-variate tangent (Lu & Wang 2026; ``ControlVariate``);
+        source "ema" uses the ``ema_net`` passed to the call and falls back to the current net
+        when there is none (diagnostic ``cv_ema_fallback`` = 1).
+    beta_cv_schedule, beta_cv_start, beta_cv_end, beta_cv_s0, beta_cv_s1: "constant" (beta_cv
+        throughout) or "linear" / "cosine" / "step" from beta_cv_start (None: 1.0) to
+        beta_cv_end (None: 0.0) between progress s0 and s1 (step: drops at s1).
     fm_anchor_weight, fm_anchor_delta: flow-matching anchor
         ``weight ||u(z_t, t, h=delta) - v_g||^2``, delta ~ U[0, fm_anchor_delta] (clipped to t
         so r >= 0), added to ``err`` of every sample, so the loss weightings scale it with the
@@ -123,6 +126,8 @@ class MeanFlow(MeanFlowSettings):
     beta_cv: float = 0.0
     beta_cv_source: str = "ema"
     beta_cv_schedule: str = "constant"
+    beta_cv_start: Optional[float] = None
+    beta_cv_end: Optional[float] = None
     beta_cv_s0: float = 0.0
     beta_cv_s1: float = 1.0
     fm_anchor_weight: float = 0.0
@@ -136,8 +141,9 @@ class MeanFlow(MeanFlowSettings):
 
     @_cv.default
     def _make_cv(self) -> ControlVariate:
-        return ControlVariate(self.beta_cv, self.beta_cv_source, self.beta_cv_schedule,
-                              self.beta_cv_s0, self.beta_cv_s1)
+        return ControlVariate(beta=self.beta_cv, source=self.beta_cv_source,
+                              schedule=self.beta_cv_schedule, start=self.beta_cv_start,
+                              end=self.beta_cv_end, s0=self.beta_cv_s0, s1=self.beta_cv_s1)
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.selective, bool):
@@ -282,7 +288,7 @@ class MeanFlow(MeanFlowSettings):
         if dropped is not None:
             stats["drop_share"] = dropped.float().mean()
             stats["drop_share_u_rows"] = masked_mean(dropped.float(), is_avg)
-        if self.beta_cv > 0:
+        if self._cv.enabled:
             stats["beta_cv"] = beta
             stats["cv_ema_fallback"] = float(ema_fallback)
         return ObjectiveOutput(err=err, is_average=is_avg, u=u_d, target=target,

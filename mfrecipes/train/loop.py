@@ -407,6 +407,7 @@ class Trainer:
             v_count += int(v_rows.sum())
             # Loss = mean(adaptive [* MinSNR alpha] * progressive beta * err) (Kim et al., Eqs. 8-9)
             w = self.loss_weighting.weights(err, t, r) * self.gap_schedule.weights(t, r, progress)
+            w = w * out.loss_scale  # the objective's own row factor (AlphaFlow's alpha)
             loss = (w.detach() * err).mean() / accum
             self.engine.backward(loss)
             total += float(loss.detach())
