@@ -178,3 +178,100 @@ def test_corrupt_headers_in_a_shard_are_skipped_and_counted(tmp_path):
     with tarfile.open(good) as t:
         assert len(t.getnames()) == 8
     assert len(list(iter_samples(open(good, "rb")))) == 4
+
+
+# -- hostile YAML and absurd numbers in recipes --------------------------------------------------
+
+TOY = "../recipes/toy2d_meanflow.yaml"
+
+
+def _check(tmp_path, capsys, recipe_text: str | None = None, overrides=()):
+    """``mfr check`` under an alarm; returns (exit code, stderr)."""
+    from pathlib import Path
+
+    from mfrecipes.cli import main
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "toy2d_meanflow.yaml"
+    if recipe_text is not None:
+        path = tmp_path / "r.yaml"
+        path.write_text(f"base: {Path(__file__).resolve().parents[1]}/recipes/"
+                        f"toy2d_meanflow.yaml\n" + recipe_text)
+    with limit(30):
+        rc = main(["check", str(path), *overrides])
+    return rc, capsys.readouterr().err
+
+
+LAUGHS = "\n".join(["data:", "  name: toy2d", "  params:", "    kind: checkerboard",
+                    "x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+                   + [f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]"
+                      for i in range(1, 10)])
+
+
+def test_billion_laughs_in_a_file_is_refused(tmp_path, capsys):
+    text = LAUGHS + "\nbackbone: {name: mlp, params: {hidden: 8, extra: *a9}}\n"
+    rc, err = _check(tmp_path, capsys, text)
+    assert rc != 0 and "expands to more than" in err
+
+
+def test_billion_laughs_in_an_override_is_refused(tmp_path, capsys):
+    value = "{" + ", ".join(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}" if i else "lol"] * 10)
+                            + "]" for i in range(10)) + "}"
+    rc, err = _check(tmp_path, capsys, overrides=[f"data.params={value}"])
+    assert rc != 0 and "expands to more than" in err and "data.params" in err
+
+
+def test_recursive_alias_is_refused(tmp_path, capsys):
+    rc, err = _check(tmp_path, capsys, "backbone: {name: mlp, params: &p {hidden: 8, me: *p}}\n")
+    assert rc != 0 and "recursive alias" in err
+
+
+@pytest.mark.parametrize("where", ["file", "override", "dotted"])
+def test_deep_nesting_is_refused(tmp_path, capsys, where):
+    deep = "[" * 2000 + "]" * 2000
+    if where == "file":
+        rc, err = _check(tmp_path, capsys, f"data: {{name: toy2d, params: {{kind: {deep}}}}}\n")
+    elif where == "override":
+        rc, err = _check(tmp_path, capsys, overrides=[f"data.params.kind={deep}"])
+    else:
+        rc, err = _check(tmp_path, capsys, overrides=[".".join(["a"] * 2000) + "=1"])
+    assert rc != 0 and "deeper than" in err
+
+
+@pytest.mark.parametrize("override, path, why", [
+    ("backbone.params.depth=1e30", "backbone.params", "depth must be an integer in"),
+    ("backbone.params.depth=1000000000000000000000000000000", "backbone.params", "depth"),
+    ("backbone.params.hidden=100000000", "backbone.params", "hidden must be an integer in"),
+    ("run.seed=1e30", "run.seed", "beyond any value"),
+    ("run.seed=4294967296", "run.seed", "a seed must be"),
+    ("eval.seed=-1", "eval.seed", "a seed must be"),
+    ("train.lr=.inf", "train.lr", "finite"),
+    ("train.lr=1e30", "train.lr", "must be <= 1"),
+    ("train.weight_decay=.inf", "train.weight_decay", "finite"),
+    ("train.weight_decay=1e5", "train.weight_decay", "lr \\* weight_decay"),
+    ("train.grad_clip=.nan", "train.grad_clip", "finite"),
+    ("train.betas=[.nan, 0.9]", "train.betas[0]", "finite"),
+    ("train.ema_decays=[]", "train.ema_decays", "at least one"),
+    ("eval.nfe=[]", "eval.nfe", "non-empty"),
+    ("train.micro_batch_size=100", "train.micro_batch_size", "does not divide"),
+    ("train.global_batch_size=1e30", "train.global_batch_size", "beyond"),
+    ("timestep_sampler.params.sigma=1e300", "timestep_sampler.params", "sigma"),
+    ("timestep_sampler.params.mu=-1e300", "timestep_sampler.params", "mu"),
+    ("gap_schedule.name=progressive", None, None),  # fine as it is ...
+    ("data.params.num_points=-.inf", "data.params.num_points", "num_points"),
+    ("data.params.num_points=1000000000000000000000000000000", "data.params.num_points",
+     "num_points"),
+])
+def test_absurd_numbers_are_refused_with_the_key_path(tmp_path, capsys, override, path, why):
+    rc, err = _check(tmp_path, capsys, overrides=[override])
+    if why is None:
+        assert rc == 0, err
+        return
+    assert rc != 0 and f"error: {path}" in err, err
+    assert pytest.importorskip("re").search(why, err), err
+    assert "Traceback" not in err
+
+
+def test_mc_draws_beyond_range_is_refused(tmp_path, capsys):
+    rc, err = _check(tmp_path, capsys, overrides=["gap_schedule.name=progressive",
+                                                  "gap_schedule.params.mc_draws=1e30"])
+    assert rc != 0 and "mc_draws" in err
