@@ -209,7 +209,7 @@ def _assert_clean(counts, bad):
 
 def test_fuzzed_recipes_fail_clearly_or_train(tmp_path, monkeypatch):
     monkeypatch.setenv("MFR_CACHE_DIR", str(tmp_path / "cache"))
-    counts, bad = tally(make_cases(40), tmp_path)
+    counts, bad = tally(make_cases(30), tmp_path)
     _assert_clean(counts, bad)
 
 
@@ -223,7 +223,7 @@ def test_fuzzed_recipes_many(tmp_path, monkeypatch):
 if __name__ == "__main__":
     import tempfile
 
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 40
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 30
     seed = int(sys.argv[2]) if len(sys.argv) > 2 else 14
     with tempfile.TemporaryDirectory() as d:
         os.environ["MFR_CACHE_DIR"] = os.path.join(d, "cache")
