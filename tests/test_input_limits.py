@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
-import json
 import signal
 import tarfile
 
@@ -182,7 +181,6 @@ def test_corrupt_headers_in_a_shard_are_skipped_and_counted(tmp_path):
 
 # -- hostile YAML and absurd numbers in recipes --------------------------------------------------
 
-TOY = "../recipes/toy2d_meanflow.yaml"
 
 
 def _check(tmp_path, capsys, recipe_text: str | None = None, overrides=()):
