@@ -158,6 +158,13 @@ class DiT(nn.Module):
         if len(input_shape) != 3:
             raise ValueError(f"DiT needs image-shaped input (C, H, W), got input_shape "
                              f"{input_shape}; for 2-D points use the 'mlp' backbone")
+        check_size("depth", depth, 1, 1024)
+        check_size("hidden_size", hidden_size, 1, 65536)
+        check_size("num_heads", num_heads, 1, 4096)
+        check_size("patch_size", patch_size, 1, 1024)
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) \
+                or not 0 < mlp_ratio <= 64:
+            raise ValueError(f"mlp_ratio must be a number in (0, 64], got {mlp_ratio!r}")
         channels, height, width = input_shape
         if height % patch_size or width % patch_size:
             raise ValueError(f"input size {height}x{width} is not divisible by patch_size "
@@ -243,6 +250,12 @@ class DiT(nn.Module):
             x, dx = block.forward_jvp(x, dx, c, dc_act)
         out, dout = self.final_layer.forward_jvp(x, dx, c, dc_act)
         return self.unpatchify(out), self.unpatchify(dout)
+
+
+def check_size(name: str, value, lo: int, hi: int) -> None:
+    """A size parameter must be an integer in [lo, hi]: a huge depth would build for ever."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
 
 
 @BACKBONES.register("dit")

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mfrecipes.backbones import tangents
+from mfrecipes.backbones.dit import check_size
 from mfrecipes.backbones.embedders import ConditionEmbedder
 from mfrecipes.registry import BACKBONES
 
@@ -31,8 +32,8 @@ class MLP(nn.Module):
         if len(input_shape) != 1:
             raise ValueError(f"the mlp backbone takes flat points (D,), got input_shape "
                              f"{input_shape}; for images use a dit_* backbone")
-        if depth < 1 or hidden < 1:
-            raise ValueError(f"depth and hidden must be >= 1, got depth={depth}, hidden={hidden}")
+        check_size("depth", depth, 1, 1024)
+        check_size("hidden", hidden, 1, 65536)
         (dim,) = input_shape
         self.input_shape = input_shape
         self.num_classes = num_classes

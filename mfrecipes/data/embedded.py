@@ -100,7 +100,7 @@ class Toy2D(_Embedded):
     """2-D toy points: a fixed pool of ``num_points`` drawn with ``data_seed``, cached as shards."""
 
     kind: str = attrs.field(default="checkerboard", validator=_valid_kind)
-    num_points: int = attrs.field(default=50_000, validator=attrs.validators.ge(1))
+    num_points: int = attrs.field(default=50_000, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1), attrs.validators.le(10**8)])
     data_seed: int = 0
     seed: int = 0
     rank: int = 0

@@ -27,8 +27,11 @@ read and dropped. (Exact as long as no sample is corrupt: a corrupt sample insid
 is skipped by count, not by content.)
 
 A corrupt sample (bad ``.npy``, wrong shape, missing key or label) or shard (truncated, not a tar)
-is skipped, counted in ``counters()["data/skipped"]`` and logged; an epoch with no readable sample
-at all is a ``DataError``, never a hang. A missing shard is a ``DataError`` naming it.
+is skipped, counted in ``counters()["data/skipped"]`` and logged; so is a sample holding NaN or
+infinite values (it would poison the weights). A rotten data set is a ``DataError`` naming a
+shard and the reason, never a hang: ``max_consecutive_corrupt`` undecodable samples in a row, or
+three epochs in a row with no readable (or no decodable) sample. A missing shard is a
+``DataError`` naming it.
 """
 from __future__ import annotations
 
@@ -116,6 +119,8 @@ class Shards:
     defaults to ``x.npy`` without one). ``storage_options``: fsspec options (endpoint,
     credentials; prefer the AWS_* environment for secrets). ``retry_timeout_s``: how long
     transient remote errors are retried before they are a ``DataError``.
+    ``max_consecutive_corrupt``: undecodable samples in a row that end the run with a
+    ``DataError`` (a data set that cannot be decoded at all must not spin forever).
     """
 
     urls: object = attrs.field(repr=lambda u: repr(u) if isinstance(u, str) else
@@ -134,6 +139,8 @@ class Shards:
     vae: Optional[str] = None
     num_workers: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     retry_timeout_s: float = attrs.field(default=120.0, validator=attrs.validators.ge(0))
+    # This many undecodable samples in a row (e.g. a wrong sample_shape or key) is a DataError.
+    max_consecutive_corrupt: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
     seed: int = 0
     rank: int = 0
     world_size: int = attrs.field(default=1, validator=attrs.validators.ge(1))
@@ -320,7 +327,8 @@ class Shards:
         """Raw samples (dicts of bytes) of one logical worker, from raw position ``start``."""
         skip, epoch, bad_epochs = start, 0, 0
         while epochs is None or epoch < epochs:
-            seen, skipped_before = 0, stats["skipped"]
+            seen, yielded, skipped_before = 0, 0, stats["skipped"]
+            decoded_before = stats.get("decoded", 0)
             for pos, part in enumerate(plan.worker_parts(epoch, worker)):
                 if skip:
                     n = self._part_count(part)
@@ -338,15 +346,23 @@ class Shards:
                     if skip:
                         skip -= 1
                         continue
+                    yielded += 1
                     yield rec
             # A reader may legitimately draw only empty slices in an epoch; it is an error when
-            # there is nothing to read at all, or when epoch after epoch only fails.
-            bad_epochs = bad_epochs + 1 if seen == 0 and stats["skipped"] > skipped_before else 0
-            if epochs is None and seen == 0 and (bad_epochs >= 3 or self._total() == 0):
-                raise DataError(f"no readable sample in {bad_epochs or 1} epoch(s) of this reader "
-                                f"(rank {plan.rank}, worker {worker}); {stats['skipped']} "
-                                f"skipped as corrupt; shards: {self._urls[0]} ... "
-                                f"({len(self._urls)} in all)", path="data.params.urls")
+            # there is nothing to read at all, or when epoch after epoch only fails. The consumer
+            # (_batched) counts stats["decoded"]; it has decoded every record yielded so far
+            # when the generator resumes here.
+            none_read = seen == 0 and stats["skipped"] > skipped_before
+            none_decoded = yielded > 0 and stats.get("decoded", 0) == decoded_before \
+                and "decoded" in stats
+            bad_epochs = bad_epochs + 1 if none_read or none_decoded else 0
+            if epochs is None and (bad_epochs >= 3 or (seen == 0 and self._total() == 0)):
+                why = stats.get("last_error") or "no sample"
+                raise DataError(f"no {'decodable' if none_decoded else 'readable'} sample in "
+                                f"{bad_epochs or 1} epoch(s) of this reader (rank {plan.rank}, "
+                                f"worker {worker}); {stats['skipped']} skipped as corrupt; last: "
+                                f"{why}; shards: {self._urls[0]} ... ({len(self._urls)} in all)",
+                                path="data.params.urls")
             epoch += 1
 
     def _total(self) -> int:
@@ -389,6 +405,7 @@ class Shards:
                     if i % part.num_slices != part.slice:
                         continue
                     got += 1
+                    rec["__url__"] = url
                     if noise is not None:
                         rec["__noise__"] = torch.randn(shape, generator=noise).numpy()
                     if len(buf) < size:
@@ -399,6 +416,7 @@ class Shards:
                     yield out
         except (TarError, OSError) as err:
             lost = max(1, expected - got) if expected is not None else 1
+            stats["last_error"] = f"shard {url}: {type(err).__name__}: {err}"
             _skip(stats, lost, f"shard {url} is unreadable after {got} samples "
                                f"({type(err).__name__}: {err}); skipping {lost}")
         else:
@@ -438,7 +456,12 @@ class Shards:
         elif self._info.modality == "latent":
             x = x.astype(np.float32) * np.float32(self._info.latent_scale)
         elif x.dtype != np.float32:
-            x = x.astype(np.float32)
+            with np.errstate(over="ignore"):  # beyond float32: inf, refused just below
+                x = x.astype(np.float32)
+        # One NaN or inf sample would make every weight NaN after its step (float64 values
+        # beyond float32's range become inf in the cast above).
+        if not np.isfinite(x).all():
+            raise ValueError(f"{self._key} holds NaN or infinite values")
         nc = self._info.num_classes
         if nc is None:
             return x, None
@@ -454,12 +477,25 @@ class Shards:
                  ) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         xs: list[np.ndarray] = []
         ys: list = []
+        stats.setdefault("decoded", 0)
+        in_a_row = 0
         for rec in records:
             try:
                 x, y = self.decode(rec)
             except (ValueError, UnicodeDecodeError) as err:
-                _skip(stats, 1, f"sample {rec.get('__key__')!r} is corrupt ({err}); skipped")
+                where = f"sample {rec.get('__key__')!r} of {rec.get('__url__', 'a shard')}"
+                stats["last_error"] = f"{where}: {err}"
+                _skip(stats, 1, f"{where} is corrupt ({err}); skipped")
+                in_a_row += 1
+                if in_a_row >= self.max_consecutive_corrupt:
+                    raise DataError(
+                        f"{in_a_row} samples in a row could not be decoded; the last, {where}: "
+                        f"{err}. Check data.params (sample_shape, key, num_classes) against the "
+                        f"shards; valid samples hold a {self._key} array of shape "
+                        f"{list(self._info.sample_shape)}", path="data.params") from err
                 continue
+            in_a_row = 0
+            stats["decoded"] += 1
             xs.append(x)
             ys.append(y)
             if len(xs) == batch_size:

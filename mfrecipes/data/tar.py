@@ -15,6 +15,9 @@ from __future__ import annotations
 from typing import BinaryIO, Iterable, Iterator
 
 _BLOCK = 512
+# No WebDataset member is near this: a bigger size field is a garbled header, not a huge sample.
+MAX_MEMBER_BYTES = 1 << 34
+_CHUNK = 1 << 24  # read big members in pieces, so a lying size field cannot allocate it at once
 
 
 class TarError(ValueError):
@@ -43,14 +46,18 @@ def _check_header(h: bytes) -> None:
 
 
 def _read_exact(f: BinaryIO, n: int) -> bytes:
-    data = f.read(n)
-    while len(data) < n:  # remote streams may return short reads
-        more = f.read(n - len(data))
+    data = f.read(min(n, _CHUNK))
+    if len(data) == n:
+        return data
+    parts, got = [data], len(data)
+    while got < n:  # remote streams may return short reads
+        more = f.read(min(n - got, _CHUNK))
         if not more:
-            raise TarError(f"unexpected end of data: wanted {n} bytes, got {len(data)} "
-                           f"(truncated shard)")
-        data += more
-    return data
+            raise TarError(f"unexpected end of data: wanted {n} bytes, got {got} "
+                           f"(truncated shard, or a size field beyond the end of the file)")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def iter_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
@@ -66,6 +73,9 @@ def iter_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
             return
         _check_header(h)
         size = _octal(h[124:136], "size")
+        if not 0 <= size <= MAX_MEMBER_BYTES:
+            raise TarError(f"size field {size} in a tar header is not a member size "
+                           f"(limit {MAX_MEMBER_BYTES} bytes): a corrupted header")
         kind = h[156:157]
         data = _read_exact(f, -(-size // _BLOCK) * _BLOCK)[:size] if size else b""
         if kind == b"L":  # GNU long name: the data is the next member's name
@@ -89,12 +99,23 @@ def iter_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
 
 
 def _pax_path(data: bytes) -> str | None:
+    """The ``path`` of a pax header's records ``"<length> <key>=<value>\\n"``; a record whose
+    length is not a decimal number, is too short to hold itself, or runs past the data is a
+    ``TarError`` (a zero length would otherwise never advance)."""
     pos = 0
     while pos < len(data):
         sp = data.find(b" ", pos)
         if sp < 0:
+            if data[pos:].strip(b"\0"):
+                raise TarError(f"garbled pax header record {data[pos:pos + 40]!r}")
             break
-        length = int(data[pos:sp])
+        digits = data[pos:sp]
+        if not digits.isdigit() or len(digits) > 12:
+            raise TarError(f"pax header record length {digits[:40]!r} is not a decimal number")
+        length = int(digits)
+        if length < sp - pos + 2 or pos + length > len(data):
+            raise TarError(f"pax header record length {length} does not fit its record "
+                           f"(at byte {pos} of {len(data)})")
         record = data[sp + 1:pos + length - 1]
         key, _, value = record.partition(b"=")
         if key == b"path":

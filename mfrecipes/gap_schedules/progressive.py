@@ -30,8 +30,8 @@ class ProgressiveGapWeighting:
 
     k: float = attrs.field(default=1.0, validator=number(0.0, lo_open=True))
     lambda_: float | None = attrs.field(default=None, validator=optional_number(0.0, lo_open=True))
-    mc_draws: int = attrs.field(default=1_000_000, validator=integer(1000))
-    seed: int = attrs.field(default=0, validator=integer(0))
+    mc_draws: int = attrs.field(default=1_000_000, validator=integer(1000, 10**8))
+    seed: int = attrs.field(default=0, validator=integer(0, 2**32 - 1))
     timestep_sampler: object = attrs.field(default=None, repr=False, eq=False)
     lambda_estimate: float = attrs.field(init=False)  # the lambda in use (given or estimated)
     mean_one_minus_gap: float | None = attrs.field(init=False)  # E[1 - dt | r != t], if estimated

@@ -46,8 +46,8 @@ class MinSNRWeighting:
     p: float = attrs.field(default=1.0, validator=number(0.0))
     c: float = attrs.field(default=0.01, validator=number(0.0, lo_open=True))
     normalize: bool = attrs.field(default=True)
-    mc_draws: int = attrs.field(default=1_000_000, validator=integer(1000))
-    seed: int = attrs.field(default=0, validator=integer(0))
+    mc_draws: int = attrs.field(default=1_000_000, validator=integer(1000, 10**8))
+    seed: int = attrs.field(default=0, validator=integer(0, 2**32 - 1))
     timestep_sampler: object = attrs.field(default=None, repr=False, eq=False)
     alpha_mean: float = attrs.field(init=False)  # E[alpha(t) | r = t], 1.0 if not normalising
 

@@ -68,6 +68,7 @@ def _check_single(recipe: Recipe) -> dict[str, Any]:
         block = getattr(recipe, section).as_dict()
         registry_for(section).check_params(block, where=section)
     ds_entry = registry.DATASETS.entry(recipe.data.name, where="data.name")
+    _check_attrs_params(ds_entry.obj, recipe.data.params, "data.params")
     info = _static_data_info(ds_entry.obj, recipe.data.params)
     if info is None:
         # The data's shape and classes are only known once it is read (e.g. shards without a
@@ -80,6 +81,24 @@ def _check_single(recipe: Recipe) -> dict[str, Any]:
     with torch.device("meta"):
         build_backbone(recipe, info)
     return parts
+
+
+def _check_attrs_params(factory, params: dict, where: str) -> None:
+    """Run an attrs component's converters and validators on the recipe's params without
+    building it (a dataset is built only by ``mfr run``: it may read or write data)."""
+    if not (isinstance(factory, type) and attrs.has(factory)):
+        return
+    for f in attrs.fields(factory):
+        if f.name not in params or not f.init:
+            continue
+        value = params[f.name]
+        try:
+            if f.converter is not None:
+                value = f.converter(value)
+            if f.validator is not None:
+                f.validator(None, f, value)
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"invalid {f.name}: {err}", path=f"{where}.{f.name}") from err
 
 
 def _static_data_info(factory, params):

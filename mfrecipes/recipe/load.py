@@ -19,14 +19,75 @@ from mfrecipes.errors import RecipeError
 from mfrecipes.recipe.schema import COMPONENT_SECTIONS, Recipe
 
 
+# A recipe is a few hundred values a few levels deep; far beyond these is hostile or broken YAML
+# (aliases expanding a billion times, recursive aliases, thousands of nested brackets).
+MAX_DEPTH = 64
+MAX_NODES = 200_000
+
+
+def safe_yaml(text: str, what: str, where: str | None = None) -> Any:
+    """``yaml.safe_load`` that refuses nesting beyond ``MAX_DEPTH`` (before building anything,
+    so the recursive composer never overflows), recursive aliases, and documents that expand
+    to more than ``MAX_NODES`` values once aliases are followed."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise RecipeError(f"{what} nests deeper than {MAX_DEPTH} levels (line "
+                                      f"{event.start_mark.line + 1}); a recipe is a few levels "
+                                      f"of mappings", path=where)
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{what} is not valid YAML: {err}", path=where) from err
+    check_size(data, what, where)
+    return data
+
+
+def check_size(data: Any, what: str, where: str | None = None) -> None:
+    """Refuse recursive structures, nesting beyond ``MAX_DEPTH`` and more than ``MAX_NODES``
+    values counted with aliases expanded (counted, never expanded: shared nodes are memoised)."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(node, depth: int, path: str) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise RecipeError(f"{what} holds a recursive alias (a value that contains itself)",
+                              path=path or where)
+        if depth > MAX_DEPTH:
+            raise RecipeError(f"{what} nests deeper than {MAX_DEPTH} levels", path=path or where)
+        open_.add(key)
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        n = 1
+        for k, v in items:
+            n += size(v, depth + 1, f"{path}.{k}" if path else str(k))
+            if n > MAX_NODES:
+                raise RecipeError(f"{what} expands to more than {MAX_NODES} values (YAML "
+                                  f"aliases repeated over and over?)", path=path or where)
+        open_.discard(key)
+        sizes[key] = n
+        return n
+
+    size(data, 0, "")
+
+
 def read_yaml(path: str, *, where: str | None = None) -> dict:
     if not os.path.isfile(path):
         raise RecipeError(f"recipe file {path!r} does not exist", path=where)
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path} is not valid YAML: {err}", path=where) from err
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"cannot read {path}: {err}", path=where) from err
+    data = safe_yaml(text, path, where)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -87,11 +148,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.split(".")
     if not key or any(not p for p in parts):
         raise RecipeError(f"override {text!r}: empty key path", path=key or None)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise RecipeError(f"override {text!r}: value is not valid YAML ({err})",
-                          path=key) from err
+    value = safe_yaml(raw, f"override {text[:80]!r}: the value", key) if raw.strip() else None
     # YAML 1.1 reads 2e-4 as a string (no dot before the exponent); numbers are meant.
     if isinstance(value, str):
         try:
@@ -127,6 +184,7 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
 def load_recipe(path: str, overrides: Iterable[str] = ()) -> tuple[Recipe, dict]:
     """Load, merge and override a recipe; return (typed Recipe, resolved plain mapping)."""
     raw = apply_overrides(load_raw(path), overrides)
+    check_size(raw, "the recipe with its overrides")  # e.g. 2,000 dotted levels in an override
     recipe = Recipe.from_dict(raw)
     return recipe, recipe.to_dict()
 

@@ -7,6 +7,7 @@ against their registry by ``mfrecipes.recipe.build.check_recipe``.
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from typing import Any, Literal, Optional, Union
 
@@ -40,6 +41,26 @@ def _unit_interval_open(inst, attribute, value):
             raise ValueError(f"each value must be in (0, 1), got {v!r}")
 
 
+def _at_most(hi):
+    def check(inst, attribute, value):
+        if value is not None and value > hi:
+            raise ValueError(f"must be <= {hi}, got {value!r}")
+    return check
+
+
+def _seed(inst, attribute, value):
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"a seed must be an integer in [0, {MAX_SEED}], got {value!r}")
+
+
+# The largest seed: the loop derives generator seeds from it (seed * 1_000_003 + ...), which must
+# stay within torch's 64-bit seeds.
+MAX_SEED = 2**32 - 1
+# Integers beyond 2**53 are no count of images, steps or samples (and lose exactness as floats).
+MAX_INT = 2**53
+MAX_BATCH = 2**24
+
+
 def _betas(inst, attribute, value):
     if len(value) != 2 or not all(0.0 <= b < 1.0 for b in value):
         raise ValueError(f"must be two numbers in [0, 1), got {list(value)!r}")
@@ -48,7 +69,7 @@ def _betas(inst, attribute, value):
 @attrs.frozen(kw_only=True)
 class RunCfg:
     name: str = "run"
-    seed: int = attrs.field(default=0, validator=_non_negative)
+    seed: int = attrs.field(default=0, validator=_seed)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Default run directory: runs/<name>; `mfr run ... --out DIR` overrides it.
     out_dir: Optional[str] = None
@@ -59,14 +80,29 @@ class RunCfg:
 @attrs.frozen(kw_only=True)
 class TrainCfg:
     total_images: int = attrs.field(validator=_positive)
-    global_batch_size: int = attrs.field(default=256, validator=_positive)
+    global_batch_size: int = attrs.field(default=256, validator=[_positive, _at_most(MAX_BATCH)])
     # Per-process micro batch; None = global batch / world size (no accumulation).
-    micro_batch_size: Optional[int] = attrs.field(default=None, validator=_positive)
-    lr: float = attrs.field(default=1e-4, validator=_positive)
+    micro_batch_size: Optional[int] = attrs.field(default=None,
+                                                  validator=[_positive, _at_most(MAX_BATCH)])
+    # AdamW steps are about lr in size whatever the gradient: beyond 1 no weight survives a step.
+    lr: float = attrs.field(default=1e-4, validator=[_positive, _at_most(1.0)])
     betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), validator=_betas)
     weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
     grad_clip: Optional[float] = attrs.field(default=None, validator=_positive)
     ema_decays: tuple[float, ...] = attrs.field(default=(0.9999,), validator=_unit_interval_open)
+
+    def __attrs_post_init__(self):
+        if not self.ema_decays:
+            raise ValueError("ema_decays must list at least one decay in (0, 1), e.g. [0.9999]")
+        # AdamW multiplies the weights by (1 - lr * weight_decay) each step.
+        if self.lr * self.weight_decay >= 1.0:
+            raise ValueError(f"weight_decay {self.weight_decay} with lr {self.lr} would zero or "
+                             f"flip every weight each step (lr * weight_decay must be < 1)")
+        if (self.micro_batch_size is not None
+                and self.global_batch_size % self.micro_batch_size):
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} does not divide "
+                             f"global_batch_size {self.global_batch_size}; valid: a divisor "
+                             f"of it (global = micro x accumulation steps x world size)")
     precision: Literal["fp32", "bf16"] = "fp32"
     # torch.compile the backbone's forward and forward_jvp (train/compile.py); the first steps
     # pay the compilation (minutes), the EMA and sampling stay eager.
@@ -85,14 +121,15 @@ class TrainCfg:
 class EvalCfg:
     every_images: Optional[int] = attrs.field(default=None, validator=_positive)
     nfe: tuple[int, ...] = (1, 2)
-    num_samples: int = attrs.field(default=1000, validator=_positive)
-    grid_size: int = attrs.field(default=64, validator=_positive)
+    num_samples: int = attrs.field(default=1000, validator=[_positive, _at_most(10**7)])
+    grid_size: int = attrs.field(default=64, validator=[_positive, _at_most(10**5)])
     at_end: bool = True
-    seed: int = 0
+    seed: int = attrs.field(default=0, validator=_seed)
 
     def __attrs_post_init__(self):
-        if not self.nfe or any(k < 1 for k in self.nfe):
-            raise ValueError(f"nfe must be a non-empty list of integers >= 1, got {list(self.nfe)}")
+        if not self.nfe or any(not 1 <= k <= 1000 for k in self.nfe):
+            raise ValueError(f"nfe must be a non-empty list of integers in [1, 1000], got "
+                             f"{list(self.nfe)}")
 
 
 @attrs.frozen(kw_only=True)
@@ -213,6 +250,8 @@ def _convert(tp, value: Any, path: str) -> Any:
                 return _convert(a, value, path)
             except RecipeError as err:
                 errors.append(err)
+        if len(errors) == 1 and type(value) is not str:  # Optional[X]: X's own message says more
+            raise errors[0]
         raise RecipeError(f"expected {_type_name(tp)}, got {value!r}", path=path)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -237,11 +276,20 @@ def _convert(tp, value: Any, path: str) -> Any:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecipeError(f"expected an integer, got {value!r}", path=path)
+        if abs(value) > MAX_INT:
+            raise RecipeError(f"{value} is beyond any value of this field (valid: integers "
+                              f"of magnitude <= 2**53)", path=path)
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"expected a number, got {value!r}", path=path)
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError as err:
+            raise RecipeError(f"{value} is beyond the range of a float", path=path) from err
+        if not math.isfinite(value):
+            raise RecipeError(f"expected a finite number, got {value!r}", path=path)
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise RecipeError(f"expected a string, got {value!r}", path=path)
@@ -288,6 +336,14 @@ def _failing_field(cls, kwargs) -> Optional[str]:
         return "zero_stage" if kwargs["zero_stage"] not in (0, 1, 2) else "config"
     if cls is EvalCfg:
         return "nfe"
+    if cls is TrainCfg:
+        msg = ""
+        try:
+            cls(**kwargs)
+        except ValueError as err:
+            msg = str(err)
+        return next((k for k in ("ema_decays", "weight_decay", "micro_batch_size")
+                     if msg.startswith(k)), None)
     return None
 
 

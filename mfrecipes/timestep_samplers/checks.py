@@ -43,11 +43,13 @@ def optional_number(lo: float | None = None, hi: float | None = None, **kw):
     return check
 
 
-def integer(lo: int | None = None):
-    """An integer ``>= lo``."""
+def integer(lo: int | None = None, hi: int | None = None):
+    """An integer in ``[lo, hi]`` (either end may be open: None)."""
     def check(_inst, attribute, value):
-        if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo):
-            raise ValueError(f"{attribute.name} must be an integer >= {lo}, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, int)
+                or (lo is not None and value < lo) or (hi is not None and value > hi)):
+            valid = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise ValueError(f"{attribute.name} must be an integer {valid}, got {value!r}")
 
     return check
 

@@ -91,12 +91,12 @@ def _check_fractions(_inst, attribute, value):
 class DTD(PairSampler):
     """DTD curriculum for the v branch's t (easy, noisy clusters first), logit-normal pairs else."""
 
-    num_clusters: int = attrs.field(default=5, validator=integer(1))
+    num_clusters: int = attrs.field(default=5, validator=integer(1, 1000))
     clustering: str = attrs.field(default="uniform_t", validator=one_of("uniform_t", "log_snr"))
     t_min: float = attrs.field(default=1e-3, validator=number(0.0, 0.5, lo_open=True,
                                                               hi_open=True))
     pacing: str = attrs.field(default="adaptive", validator=one_of("adaptive", "fixed"))
-    patience: int = attrs.field(default=500, validator=integer(1))
+    patience: int = attrs.field(default=500, validator=integer(1, 10**9))
     loss_ema: float = attrs.field(default=0.99, validator=number(0.0, 1.0, hi_open=True))
     min_improvement: float = attrs.field(default=1e-3, validator=number(0.0, 1.0, hi_open=True))
     stage_fractions: tuple[float, ...] | None = attrs.field(default=None, converter=as_tuple,

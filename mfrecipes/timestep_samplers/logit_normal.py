@@ -31,11 +31,11 @@ def logit_normal(n: int, mu: float, sigma: float, *, generator: torch.Generator 
 class LogitNormal(PairSampler):
     """Logit-normal (t, r): two draws ordered (ImageNet), or separate t and r laws (CIFAR-style)."""
 
-    mu: float = attrs.field(default=-0.4, validator=number())
-    sigma: float = attrs.field(default=1.0, validator=number(0.0, lo_open=True))
-    mu_r: float | None = attrs.field(default=None, validator=optional_number())
+    mu: float = attrs.field(default=-0.4, validator=number(-20.0, 20.0))
+    sigma: float = attrs.field(default=1.0, validator=number(0.0, 20.0, lo_open=True))
+    mu_r: float | None = attrs.field(default=None, validator=optional_number(-20.0, 20.0))
     sigma_r: float | None = attrs.field(default=None,
-                                        validator=optional_number(0.0, lo_open=True))
+                                        validator=optional_number(0.0, 20.0, lo_open=True))
 
     def __attrs_post_init__(self):
         if (self.mu_r is None) != (self.sigma_r is None):
