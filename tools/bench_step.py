@@ -314,7 +314,9 @@ def _sync(device: torch.device) -> None:
 
 # -- timing ---------------------------------------------------------------------------------------
 
-def time_variants(setup: dict, args) -> dict[str, dict[str, Any]]:
+def time_variants(setup: dict, args, keep_runners: bool = False):
+    """Per-variant medians; with ``keep_runners`` also the warmed-up runners (for
+    ``measure_memory_in_process``)."""
     runners, results = {}, {}
     for name in args.variant_list:
         try:
@@ -343,7 +345,7 @@ def time_variants(setup: dict, args) -> dict[str, dict[str, Any]]:
         r["cpu_time_s"] = statistics.median(r.pop("cpu_s"))
         rows = runners[name].avg_rows[-args.repeats:] if args.repeats else []
         r["avg_share"] = sum(rows) / max(len(rows) * setup["batch"], 1)
-    return results
+    return (results, runners) if keep_runners else results
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -358,7 +360,11 @@ def measure_memory_here(name: str, setup: dict, args) -> dict[str, int]:
     runner = Runner(name, setup, args)
     for i in range(max(args.warmup, 1)):
         runner.step(-1 - i)
-    dev = setup["device"]
+    return step_memory(runner, setup["device"])
+
+
+def step_memory(runner: Runner, dev: torch.device) -> dict[str, int]:
+    """Peak memory of one step of a warmed-up ``runner`` (see the module docstring)."""
     if dev.type == "cuda":
         _sync(dev)
         torch.cuda.empty_cache()
@@ -374,6 +380,12 @@ def measure_memory_here(name: str, setup: dict, args) -> dict[str, int]:
     runner.step(0)
     peak = _status_kib("VmHWM")
     return {"step_bytes": (peak - before) * 1024, "peak_bytes": peak * 1024}
+
+
+def measure_memory_in_process(runners: dict[str, Runner], setup: dict) -> dict[str, dict]:
+    """``step_memory`` of each timed runner in this process: exact on CUDA (allocated bytes);
+    on a CPU the allocator's cache blurs it (the fresh-process ``measure_memory`` does not)."""
+    return {name: step_memory(runner, setup["device"]) for name, runner in runners.items()}
 
 
 def measure_memory(args, argv: list[str]) -> dict[str, dict[str, Any]]:
