@@ -306,6 +306,8 @@ def run_speed(cfg) -> dict:
     rows = []
     b4, xl = cfg["speed_backbones"]
     big = largest_batch(bench, b4, cfg)
+    if cfg["device"] == "cuda":
+        torch.cuda.empty_cache()  # what the probe's last (failed) batch left in the cache
     plan = [(b4, cfg["paper_batch"], False), (b4, cfg["paper_batch"], True), (b4, big, False),
             (xl, cfg["paper_batch"], False)]
     for backbone, batch, comp in plan:
