@@ -92,10 +92,11 @@ class TinyNet(nn.Module):
         return self.out(torch.tanh(a)) * (1 + h[:, None])
 
 
+@pytest.mark.parametrize("style", ["PortStyleMeanFlow", "OfficialStyleMeanFlow"])
 @pytest.mark.parametrize("cfg", [{}, {"omega": 2.0}, {"omega": 1.0, "kappa": 0.5}])
-def test_port_style_baseline_computes_the_meanflow_loss(bench, cfg):
-    """The benchmark's baseline must cost what ports cost *and* compute the same loss:
-    compare with the target written out, du/dt by central differences in float64."""
+def test_baselines_compute_the_meanflow_loss(bench, cfg, style):
+    """The benchmark's baselines must cost what the public code costs *and* compute the same
+    loss: compare with the target written out, du/dt by central differences in float64."""
     torch.manual_seed(0)
     net = TinyNet().to(F64)
     g = torch.Generator().manual_seed(1)
@@ -103,7 +104,7 @@ def test_port_style_baseline_computes_the_meanflow_loss(bench, cfg):
     t = torch.rand(8, generator=g, dtype=F64) * 0.9 + 0.05
     r = torch.where(torch.arange(8) % 3 == 0, t, t * torch.rand(8, generator=g, dtype=F64))
     y = torch.randint(0, 3, (8,), generator=g)
-    out = bench.PortStyleMeanFlow(num_classes=3, **cfg)(net, x, y, t, r, noise, progress=0.0)
+    out = getattr(bench, style)(num_classes=3, **cfg)(net, x, y, t, r, noise, progress=0.0)
 
     omega, kappa = cfg.get("omega", 1.0), cfg.get("kappa", 0.0)
     z, v, h = (1 - t[:, None]) * x + t[:, None] * noise, noise - x, t - r
@@ -117,6 +118,24 @@ def test_port_style_baseline_computes_the_meanflow_loss(bench, cfg):
     err_ref = ((net(z, t, h, y) - (v_g - h[:, None] * dudt)) ** 2).sum(1)
     torch.testing.assert_close(out.err, err_ref, rtol=1e-7, atol=1e-9)
     assert out.err.requires_grad
+
+
+def test_official_style_predicts_from_the_jvp_primal_in_float32(bench):
+    """Under bf16 autocast the official-style baseline still runs its JVP, and so its
+    prediction, in float32: u is the float32 network output and carries the gradient."""
+    torch.manual_seed(0)
+    net = TinyNet()
+    g = torch.Generator().manual_seed(2)
+    x, noise = torch.randn(2, 6, 2, generator=g).unbind(0)
+    t = torch.rand(6, generator=g) * 0.9 + 0.05
+    r, y = t * 0.5, torch.randint(0, 3, (6,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bench.OfficialStyleMeanFlow(num_classes=3)(net, x, y, t, r, noise, progress=0.0)
+    z = (1 - t[:, None]) * x + t[:, None] * noise
+    assert out.u.dtype == out.target.dtype == torch.float32
+    torch.testing.assert_close(out.u, net(z, t, t - r, y).detach(), rtol=1e-6, atol=1e-7)
+    out.err.sum().backward()
+    assert net.out.weight.grad is not None and net.out.weight.grad.abs().sum() > 0
 
 
 def test_dataset_without_static_shape_needs_the_flags(bench, tmp_path, capsys):

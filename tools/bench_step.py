@@ -12,9 +12,12 @@ machine load touches every variant alike, and the median of ``--repeats`` is rep
 Variants (``--variants``, default all):
 
 - ``flow_matching``: the flow-matching objective (one forward and backward), the denominator.
-- ``meanflow_port``: how public PyTorch ports compute MeanFlow (benchmark only, not a recipe
-  component): ``torch.func.jvp`` over the whole batch, r = t samples included, and a second forward
-  for the prediction.
+- ``meanflow_official``: how the official PyTorch MeanFlow loss computes it (benchmark only, not
+  a recipe component): ``torch.func.jvp`` over the whole batch, r = t samples included, the
+  prediction taken from the JVP's own primal output, the JVP in float32 (autocast off).
+- ``meanflow_port``: how other public PyTorch ports compute MeanFlow (benchmark only):
+  ``torch.func.jvp`` over the whole batch in the ambient precision, and a second forward for the
+  prediction.
 - ``meanflow_torch_func``: the ``meanflow`` objective, selective JVP with ``torch.func.jvp``.
 - ``meanflow_manual_split``: selective JVP with the backbone's ``forward_jvp`` on the r != t rows
   and a separate forward for the r = t rows.
@@ -69,8 +72,8 @@ from mfrecipes.recipe import build as rbuild
 from mfrecipes.recipe import load_recipe
 from mfrecipes.train.compile import compile_backbone
 
-VARIANTS = ("flow_matching", "meanflow_port", "meanflow_torch_func", "meanflow_manual_split",
-            "meanflow_manual")
+VARIANTS = ("flow_matching", "meanflow_official", "meanflow_port", "meanflow_torch_func",
+            "meanflow_manual_split", "meanflow_manual")
 PROGRESS = 0.5  # the training progress the components see (matters for curricula only)
 _MMAP_THRESHOLD = 16384
 
@@ -88,24 +91,46 @@ class PortStyleMeanFlow:
     t_end: float = 1.0
     num_classes: Optional[int] = None
 
-    def __call__(self, net, x, y, t, r, noise, *, progress, ema_net=None, generator=None):
+    def guided_inputs(self, net, x, y, t, r, noise, generator):
+        """``(z_t, h, y after class dropout, v_g)``: guidance forwards on every sample."""
         check_inputs(x, t, r, noise, y)
         g = Guidance(self.omega, self.kappa, self.t_start, self.t_end, self.class_dropout)
         z, v = interpolate(x, noise, t)
-        h = t - r
         y, dropped = apply_class_dropout(y, self.class_dropout, self.num_classes, generator)
         guided = g.mask(t, y, dropped)
-        v_g = v
-        if guided is not None:
-            every = torch.arange(len(t), device=t.device)
-            u_cond, u_uncond = g.forwards(net, z, t, y, every if g.needs_cond else every[:0],
-                                          every, self.num_classes)
-            v_g = g.mix(v, u_cond, u_uncond, guided)
+        if guided is None:
+            return z, t - r, y, v
+        every = torch.arange(len(t), device=t.device)
+        u_cond, u_uncond = g.forwards(net, z, t, y, every if g.needs_cond else every[:0],
+                                      every, self.num_classes)
+        return z, t - r, y, g.mix(v, u_cond, u_uncond, guided)
+
+    def __call__(self, net, x, y, t, r, noise, *, progress, ema_net=None, generator=None):
+        z, h, y, v_g = self.guided_inputs(net, x, y, t, r, noise, generator)
         ones = torch.ones_like(t)
         with torch.no_grad():
             _, dudt = torch.func.jvp(lambda a, b, c: net(a, b, c, y), (z, t, h), (v_g, ones, ones))
         target = v_g - as_batch(h, x) * dudt  # MeanFlow identity (Eq. 4)
         u = net(z, t, h, y)
+        return ObjectiveOutput(err=sum_sq(u - target), is_average=h != 0, u=u.detach(),
+                               target=target)
+
+
+@attrs.frozen
+class OfficialStyleMeanFlow(PortStyleMeanFlow):
+    """MeanFlow as the official PyTorch loss computes it (benchmark baseline, not a recipe
+    component): one ``torch.func.jvp`` over the whole batch with autocast off and float32 inputs;
+    its primal output is the prediction (it carries the gradient) and its tangent du/dt enters
+    the target. Same target as ``meanflow`` (Eq. 4) with guidance on every sample."""
+
+    def __call__(self, net, x, y, t, r, noise, *, progress, ema_net=None, generator=None):
+        z, h, y, v_g = self.guided_inputs(net, x, y, t, r, noise, generator)
+        f32 = [a.to(torch.promote_types(a.dtype, torch.float32)) for a in (z, t, h, v_g)]
+        ones = torch.ones_like(f32[1])
+        with torch.autocast(z.device.type, enabled=False):
+            u, dudt = torch.func.jvp(lambda a, b, c: net(a, b, c, y), tuple(f32[:3]),
+                                     (f32[3], ones, ones))
+            target = (f32[3] - as_batch(f32[2], x) * dudt).detach()  # MeanFlow identity (Eq. 4)
         return ObjectiveOutput(err=sum_sq(u - target), is_average=h != 0, u=u.detach(),
                                target=target)
 
@@ -218,11 +243,12 @@ def build_setup(args) -> dict[str, Any]:
     mf_params = {k: v for k, v in params.items() if k in mf_fields
                  and k not in ("selective", "jvp_impl", "num_classes")}
     port_fields = {f.name for f in attrs.fields(PortStyleMeanFlow)}
+    port_params = {k: v for k, v in mf_params.items() if k in port_fields}
     dropout = float(mf_params.get("class_dropout", 0.0))
     objectives = {
         "flow_matching": FlowMatching(class_dropout=dropout, num_classes=classes),
-        "meanflow_port": PortStyleMeanFlow(num_classes=classes, **{
-            k: v for k, v in mf_params.items() if k in port_fields}),
+        "meanflow_official": OfficialStyleMeanFlow(num_classes=classes, **port_params),
+        "meanflow_port": PortStyleMeanFlow(num_classes=classes, **port_params),
         "meanflow_torch_func": MeanFlow(jvp_impl="torch_func", num_classes=classes, **mf_params),
         "meanflow_manual_split": MeanFlow(jvp_impl="manual", num_classes=classes, **mf_params),
         "meanflow_manual": MeanFlow(jvp_impl="manual", num_classes=classes, **mf_params),
@@ -288,7 +314,9 @@ def _sync(device: torch.device) -> None:
 
 # -- timing ---------------------------------------------------------------------------------------
 
-def time_variants(setup: dict, args) -> dict[str, dict[str, Any]]:
+def time_variants(setup: dict, args, keep_runners: bool = False):
+    """Per-variant medians; with ``keep_runners`` also the warmed-up runners (for
+    ``measure_memory_in_process``)."""
     runners, results = {}, {}
     for name in args.variant_list:
         try:
@@ -317,7 +345,7 @@ def time_variants(setup: dict, args) -> dict[str, dict[str, Any]]:
         r["cpu_time_s"] = statistics.median(r.pop("cpu_s"))
         rows = runners[name].avg_rows[-args.repeats:] if args.repeats else []
         r["avg_share"] = sum(rows) / max(len(rows) * setup["batch"], 1)
-    return results
+    return (results, runners) if keep_runners else results
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -332,7 +360,11 @@ def measure_memory_here(name: str, setup: dict, args) -> dict[str, int]:
     runner = Runner(name, setup, args)
     for i in range(max(args.warmup, 1)):
         runner.step(-1 - i)
-    dev = setup["device"]
+    return step_memory(runner, setup["device"])
+
+
+def step_memory(runner: Runner, dev: torch.device) -> dict[str, int]:
+    """Peak memory of one step of a warmed-up ``runner`` (see the module docstring)."""
     if dev.type == "cuda":
         _sync(dev)
         torch.cuda.empty_cache()
@@ -348,6 +380,12 @@ def measure_memory_here(name: str, setup: dict, args) -> dict[str, int]:
     runner.step(0)
     peak = _status_kib("VmHWM")
     return {"step_bytes": (peak - before) * 1024, "peak_bytes": peak * 1024}
+
+
+def measure_memory_in_process(runners: dict[str, Runner], setup: dict) -> dict[str, dict]:
+    """``step_memory`` of each timed runner in this process: exact on CUDA (allocated bytes);
+    on a CPU the allocator's cache blurs it (the fresh-process ``measure_memory`` does not)."""
+    return {name: step_memory(runner, setup["device"]) for name, runner in runners.items()}
 
 
 def measure_memory(args, argv: list[str]) -> dict[str, dict[str, Any]]:
