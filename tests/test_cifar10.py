@@ -119,3 +119,43 @@ def test_the_tool_writes_cifar10(archive, tmp_path, capsys):
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["name"] == "cifar10-train"
     assert tool.main(["cifar10", "--out", str(tmp_path / "d")]) == 2
     assert "--source" in capsys.readouterr().err
+
+
+# -- the recipes ---------------------------------------------------------------------------------
+RECIPES = os.path.join(REPO, "recipes", "cifar10")
+NAMES = ("meanflow", "meanflow_v0", "flow_matching", "dmf", "dmf_dagger")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_full_recipes_check(name):
+    from mfrecipes.recipe import load_recipe
+    from mfrecipes.recipe.build import check_recipe
+
+    recipe, _ = load_recipe(os.path.join(RECIPES, f"{name}.yaml"))
+    check_recipe(recipe)
+    assert recipe.train.global_batch_size == 1024 and recipe.train.lr == 6e-4
+    assert recipe.backbone.name == "unet_cifar10"
+
+
+@pytest.mark.slow  # five short trainings of the tiny U-Net: minutes on a shared 2-core CPU
+def test_cpu_recipes_train_on_a_cifar_shaped_set(archive, tmp_path):
+    import time
+
+    from mfrecipes.recipe import load_recipe
+    from mfrecipes.train.loop import Trainer
+
+    path, _ = archive
+    build_cifar10_shards(path, str(tmp_path / "s"), num_shards=3, log=lambda _: None)
+    urls = f"data.params.urls={tmp_path / 's' / 'shard-{000000..000002}.tar'}"
+    fm_run = tmp_path / "runs" / "flow_matching"
+    for name in ("flow_matching", "meanflow", "meanflow_v0", "dmf", "dmf_dagger"):
+        overrides = [urls] + ([f"init_from.path={fm_run}"] if name.startswith("dmf") else [])
+        recipe, data = load_recipe(os.path.join(RECIPES, "cpu", f"{name}.yaml"), overrides)
+        t0 = time.time()
+        out = Trainer(recipe, data, str(tmp_path / "runs" / name)).run()
+        print(f"cpu/{name}.yaml: {time.time() - t0:.1f} s")
+        assert out["images"] == 64 and out["nonfinite"] == 0
+        recs = [json.loads(line) for line in
+                (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in recs if "loss" in r]
+        assert losses and all(np.isfinite(losses))
