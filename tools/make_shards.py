@@ -5,6 +5,9 @@
     python tools/make_shards.py /data/imagenet/train --out s3://my-bucket/imagenet256-latents \\
         --vae stabilityai/sd-vae-ft-mse --device cuda --batch-size 128
 
+    # CIFAR-10 from the official python archive -> x.npy shards in [-1, 1]
+    python tools/make_shards.py cifar10 --source cifar-10-python.tar.gz --out shards/cifar10
+
     # an embedded dataset -> plain x.npy shards
     python tools/make_shards.py digits --out shards/digits-r8
     python tools/make_shards.py toy2d/checkerboard --out shards/checkerboard --num-points 50000
@@ -24,8 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SOURCE",
-                   help="an image folder (one sub-folder per class) or an embedded dataset: "
-                        "digits, toy2d/<kind>")
+                   help="an image folder (one sub-folder per class), cifar10 (with --source) or an "
+                        "embedded dataset: digits, toy2d/<kind>")
     p.add_argument("--out", required=True, metavar="URL",
                    help="destination folder or URL prefix (local, file://, s3://bucket/prefix)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing shard set")
@@ -50,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--name", help="dataset name in the manifest")
     g.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar ...")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c = p.add_argument_group("cifar10")
+    c.add_argument("--source", dest="cifar_source", metavar="PATH",
+                   help="cifar10: the official cifar-10-python.tar.gz")
+    c.add_argument("--split", default="train", choices=["train", "test"], help="cifar10: split")
     e = p.add_argument_group("embedded datasets")
     e.add_argument("--num-points", type=int, default=50_000, help="toy2d: pool size")
     e.add_argument("--data-seed", type=int, default=0, help="toy2d: seed of the pool")
@@ -65,6 +72,17 @@ def main(argv=None) -> int:
 
     opts = {"client_kwargs": {"endpoint_url": args.endpoint_url}} if args.endpoint_url else None
     try:
+        if args.source == "cifar10" and not os.path.isdir(args.source):
+            from mfrecipes.data.make_shards import build_cifar10_shards
+            from mfrecipes.errors import DataError
+
+            if not args.cifar_source:
+                raise DataError("cifar10 needs the archive: --source cifar-10-python.tar.gz",
+                                path="--source")
+            build_cifar10_shards(args.cifar_source, args.out, split=args.split,
+                                 num_shards=args.num_shards or 10, storage_options=opts,
+                                 overwrite=args.overwrite)
+            return 0
         if not os.path.isdir(args.source) and embedded_source(args.source) is not None:
             build_embedded_shards(args.source, args.out, resolution=args.resolution,
                                   num_points=args.num_points, data_seed=args.data_seed,

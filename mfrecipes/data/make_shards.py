@@ -327,3 +327,104 @@ class _progress:
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+# -- CIFAR-10 (the official python archive) -----------------------------------------------------
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+_CIFAR10_SPLITS = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)),
+                   "test": ("test_batch",)}
+# The only globals a CIFAR-10 batch refers to: numpy's array reconstruction (numpy 1 and 2
+# names), and _codecs.encode, through which a protocol-2 pickle written by Python 3 stores bytes
+# (it only turns a string into bytes).
+_CIFAR10_GLOBALS = {("numpy.core.multiarray", "_reconstruct"),
+                    ("numpy._core.multiarray", "_reconstruct"),
+                    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+def _load_cifar_batch(data: bytes, member: str) -> dict:
+    """Unpickle one CIFAR-10 batch with a restricted unpickler.
+
+    The official archive ships its batches only as pickles, and a pickle can call any importable
+    function while it loads. This one load is acceptable because the unpickler resolves no global
+    except numpy's array reconstruction (``_reconstruct``, ``ndarray``, ``dtype``) and
+    ``_codecs.encode`` (string to bytes), functions without side effects; the batches' dicts, lists, bytes, strings and ints are built by pickle opcodes that call nothing. Anything
+    else in the file is refused before it is called."""
+    import io
+    import pickle
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in _CIFAR10_GLOBALS:
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+    try:
+        batch = Restricted(io.BytesIO(data), encoding="bytes").load()
+    except Exception as err:  # noqa: BLE001  (any failure of an untrusted file is a data error)
+        raise DataError(f"{member} is not a CIFAR-10 batch: {err}", path="SOURCE") from err
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DataError(f"{member} is not a CIFAR-10 batch (no data and labels)", path="SOURCE")
+    return batch
+
+
+def read_cifar10_archive(path: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[N, 3, 32, 32]`` uint8 and labels ``[N]`` int64 of a ``cifar-10-python.tar.gz``
+    split (train: data_batch_1..5 in order, 50,000 images; test: test_batch, 10,000)."""
+    import tarfile
+
+    if split not in _CIFAR10_SPLITS:
+        raise DataError(f"unknown CIFAR-10 split {split!r}; valid: train, test", path="--split")
+    try:
+        tar = tarfile.open(path, "r:*")
+    except (OSError, tarfile.TarError) as err:
+        raise DataError(f"cannot open {path} as a tar archive: {err}", path="SOURCE") from err
+    with tar:
+        members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+        xs, ys = [], []
+        for name in _CIFAR10_SPLITS[split]:
+            if name not in members:
+                raise DataError(f"{path} has no {name}; valid: the official "
+                                f"cifar-10-python.tar.gz (cifar-10-batches-py/...)", path="SOURCE")
+            batch = _load_cifar_batch(tar.extractfile(members[name]).read(), name)
+            x, y = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], dtype=np.int64)
+            if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
+                raise DataError(f"{name}: expected uint8 data [N, 3072] and N labels, got "
+                                f"{x.dtype} {list(x.shape)} and {len(y)} labels", path="SOURCE")
+            if len(y) and (y.min() < 0 or y.max() > 9):
+                raise DataError(f"{name}: labels outside 0..9", path="SOURCE")
+            xs.append(x.reshape(-1, 3, 32, 32))  # rows are R (1024), G, B planes, row-major
+            ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def build_cifar10_shards(source: str, out: str, *, split: str = "train", num_shards: int = 10,
+                         storage_options: Optional[Mapping] = None, overwrite: bool = False,
+                         log: Callable[[str], None] = print) -> Manifest:
+    """CIFAR-10 from the official python archive as ``x.npy`` shards: ``[3, 32, 32]`` float32 in
+    [-1, 1] (``x / 127.5 - 1``) with ``cls``, in the archive's order, and a manifest."""
+    import math
+
+    import attrs
+
+    from mfrecipes.data.writer import write_shards
+
+    x, y = read_cifar10_archive(source, split)
+    dest = Destination(out, storage_options=storage_options, overwrite=overwrite)
+    try:
+        images = (img.astype(np.float32) / 127.5 - 1.0 for img in x)
+        manifest = write_shards(
+            dest.local_dir, zip(images, y.tolist()), name=f"cifar10-{split}",
+            samples_per_shard=math.ceil(len(y) / num_shards), modality="image",
+            sample_shape=(3, 32, 32), num_classes=10,
+            params={"source": os.path.basename(source), "split": split})
+        for entry in manifest.shards:
+            dest.publish(os.path.join(dest.local_dir, entry.name))
+        os.remove(os.path.join(dest.local_dir, FILENAME))  # written again, last, by finish
+        manifest = attrs.evolve(manifest, classes={c: i for i, c in enumerate(CIFAR10_CLASSES)})
+        dest.finish(manifest)
+        log(f"wrote {manifest.total} CIFAR-10 {split} images in {len(manifest.shards)} shards; "
+            f"urls: {_pattern(dest, len(manifest.shards))}")
+        return manifest
+    finally:
+        dest.cleanup()

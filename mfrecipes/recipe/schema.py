@@ -77,6 +77,37 @@ class RunCfg:
     cache_dir: Optional[str] = None
 
 
+def _unit_interval(inst, attribute, value):
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be in [0, 1], got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class LrScheduleCfg:
+    """The learning rate as a function of the images seen, a factor on ``train.lr``.
+
+    ``constant``: train.lr throughout. ``cosine``: from the end of the warm-up to
+    ``train.total_images`` the factor falls as ``f + (1 - f) (1 + cos(pi p)) / 2`` (p in [0, 1]
+    the progress, f = ``final_ratio``). Both start with a linear warm-up over ``warmup_images``
+    (0: none), the factor after a step's batch being ``min(1, images / warmup_images)``. A pure
+    function of the image count: resuming gives the same rates without saved scheduler state.
+    """
+
+    kind: Literal["constant", "cosine"] = "constant"
+    warmup_images: int = attrs.field(default=0, validator=_non_negative)
+    final_ratio: float = attrs.field(default=0.0, validator=_unit_interval)
+
+    def factor(self, images: int, total_images: int) -> float:
+        """The factor for the step whose batch brings the count to ``images``."""
+        warm = min(1.0, images / self.warmup_images) if self.warmup_images else 1.0
+        if self.kind == "constant":
+            return warm
+        span = total_images - self.warmup_images
+        p = min(1.0, max(0.0, (images - self.warmup_images) / span)) if span > 0 else 1.0
+        return warm * (self.final_ratio
+                       + (1.0 - self.final_ratio) * 0.5 * (1.0 + math.cos(math.pi * p)))
+
+
 @attrs.frozen(kw_only=True)
 class TrainCfg:
     total_images: int = attrs.field(validator=_positive)
@@ -86,6 +117,7 @@ class TrainCfg:
                                                   validator=[_positive, _at_most(MAX_BATCH)])
     # AdamW steps are about lr in size whatever the gradient: beyond 1 no weight survives a step.
     lr: float = attrs.field(default=1e-4, validator=[_positive, _at_most(1.0)])
+    lr_schedule: LrScheduleCfg = attrs.field(factory=LrScheduleCfg)
     betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), validator=_betas)
     weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
     grad_clip: Optional[float] = attrs.field(default=None, validator=_positive)
@@ -115,6 +147,10 @@ class TrainCfg:
     # A non-finite loss (or gradient) is never stepped on; the run stops after this many.
     max_nonfinite: int = attrs.field(default=10, validator=_non_negative)
     progress_bar: bool = True
+
+    def lr_at(self, images: int) -> float:
+        """train.lr times the schedule's factor for the step that ends at ``images``."""
+        return self.lr * self.lr_schedule.factor(images, self.total_images)
 
 
 @attrs.frozen(kw_only=True)

@@ -67,7 +67,7 @@ NATIVE_TAG = "state"
 # deepspeed.config keys that would be a second source of truth for something set elsewhere.
 _OWNED = {
     "optimizer": "the optimiser is AdamW built from train.lr, train.betas, train.weight_decay",
-    "scheduler": "the learning rate is train.lr (constant, per stage)",
+    "scheduler": "the learning rate follows train.lr and train.lr_schedule (per stage)",
     "gradient_clipping": "set train.grad_clip",
     "fp16": "fp16 is not supported (JVP tangents overflow it); use deepspeed.bf16: true",
     "torch_autocast": "set deepspeed.bf16: true (autocast is applied around the objective)",
@@ -226,6 +226,13 @@ class DeepSpeedEngine:
             group.update(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         if self.zero_stage:
             self.ds.optimizer.clip_grad = cfg.grad_clip or 0.0
+
+    def set_lr(self, images: int) -> float:
+        """Set the scheduled rate (``train.lr_schedule``) for the step ending at ``images``."""
+        lr = self.cfg.lr_at(images)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def micro_batch_size(self) -> int:
         return self._plan[0]

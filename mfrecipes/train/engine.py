@@ -8,7 +8,8 @@ The interface the loop uses (``DeepSpeedEngine`` has the same):
 
 - ``launch(device) -> (rank, world_size, device)`` (static): join the process group, if any.
 - ``module``, ``rank``, ``world_size``, ``is_main``, ``device``.
-- ``configure(train_cfg)``: a stage's optimiser settings; ``micro_batch_size()`` and
+- ``configure(train_cfg)``: a stage's optimiser settings; ``set_lr(images)`` the scheduled
+  rate before each step; ``micro_batch_size()`` and
   ``accumulation_steps()`` per rank; ``autocast()`` around the objective.
 - ``backward(loss)`` per micro batch; then ``step()`` (clips, and drops the update itself when
   the gradient is non-finite) and ``grad_norm()`` (before clipping; inf/nan when dropped), or
@@ -43,7 +44,7 @@ class SingleEngine:
         self.module = net
         self.device = device
         self.cfg = cfg
-        # AdamW, constant LR, no warm-up (MeanFlow's ImageNet setting; betas from the recipe).
+        # AdamW; the rate follows train.lr_schedule (set_lr before every step).
         self.optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                            weight_decay=cfg.weight_decay)
         self._grad_norm = math.nan
@@ -53,6 +54,13 @@ class SingleEngine:
         self.cfg = cfg
         for group in self.optimizer.param_groups:
             group.update(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+    def set_lr(self, images: int) -> float:
+        """Set the scheduled rate (``train.lr_schedule``) for the step ending at ``images``."""
+        lr = self.cfg.lr_at(images)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     @property
     def is_main(self) -> bool:

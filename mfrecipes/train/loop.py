@@ -329,6 +329,7 @@ class Trainer:
                                 "stage": self.stage.name}, echo=False)
                     logger.info(f"stage {self.stage.name}: images {self.stage.start}-"
                                 f"{self.stage.end}")
+                lr = self.engine.set_lr(self.images + cfg.global_batch_size)
                 loss_value, diag, grad_norm = self._train_step(batches, mb, accum)  # all ranks
                 before = self.images
                 self.images += cfg.global_batch_size
@@ -345,7 +346,7 @@ class Trainer:
                     dt = max(time.time() - window["t0"], 1e-9)
                     logger.log({"images": self.images, "step": self.step,
                                 "loss": window["loss"] / max(window["n"], 1),
-                                "grad_norm": grad_norm, "lr": cfg.lr,
+                                "grad_norm": grad_norm, "lr": lr,
                                 "img_per_s": (self.images - window["images0"]) / dt,
                                 "nonfinite": self.nonfinite,
                                 **diag, **self._pacing_record(window),
