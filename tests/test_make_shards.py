@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data_fixtures import AWS_TEST_ENV, MotoS3, save_tiny_vae, write_image_folder
-from mfrecipes.data.images import center_crop_arr, scan_image_folder
+from mfrecipes.data.images import center_crop_arr, scan_image_folder, scan_unlabelled_folder
 from mfrecipes.data.make_shards import build_embedded_shards, build_latent_shards
 from mfrecipes.data.shards import Shards
 from mfrecipes.errors import DataError
@@ -183,6 +183,45 @@ def test_scan_lists_classes_sorted_and_ignores_hidden(tmp_path):
         [("img000.png", 0), ("img001.png", 0), ("img000.png", 1)]
 
 
+def test_unlabelled_folder_gives_shards_without_labels(tmp_path, tiny_vae):
+    """FFHQ's layout: images in numbered storage folders, a licence file beside them. The
+    folders are not classes: no ``cls`` member, ``num_classes`` None, and the reader yields
+    ``y = None`` (an unconditional data set)."""
+    root = tmp_path / "ffhq"
+    write_image_folder(root, {"00000": 3, "01000": 2}, size=(40, 40))
+    write_image_folder(root / "deeper", {"x": 1}, size=(40, 40), seed=1)
+    (root / "LICENSE.txt").write_text("licence")
+    (root / "00000" / ".hidden.png").write_bytes(b"x")
+    files = scan_unlabelled_folder(str(root))
+    assert [os.path.relpath(p, root) for p, _ in files] == [
+        "00000/img000.png", "00000/img001.png", "00000/img002.png", "01000/img000.png",
+        "01000/img001.png", "deeper/x/img000.png"]
+    assert all(label is None for _, label in files)
+
+    m = build(root, tmp_path / "out", tiny_vae, labels=False)
+    out = tmp_path / "out"
+    assert m.total == 6 and m.num_classes is None and m.classes is None
+    assert m.params["skipped_files"] == 0   # the licence is not an image file, not a skip
+    assert json.loads((out / "manifest.json").read_text())["num_classes"] is None
+    names = [n for shard in sorted(out.glob("shard-*.tar"))
+             for n in tarfile.open(shard).getnames()]
+    assert len([n for n in names if n.endswith(".latent.npy")]) == 6
+    assert not [n for n in names if n.endswith(".cls")]
+    rows = list(csv.DictReader(open(out / "sources.tsv"), delimiter="\t"))
+    assert sorted(r["source"] for r in rows) == sorted(os.path.relpath(p, root) for p, _ in files)
+    assert all(r["cls"] == "" for r in rows)
+
+    ds = Shards(urls=str(out / "shard-{000000..000001}.tar"), seed=0)
+    assert ds.info.num_classes is None and ds.info.sample_shape == (4, R // 2, R // 2)
+    x, y = next(ds.batches(6))
+    assert y is None and x.shape == (6, 4, R // 2, R // 2)
+
+    # A labelled scan of the same folder would have made classes of the storage folders.
+    assert build(root, tmp_path / "labelled", tiny_vae).num_classes == 3
+    with pytest.raises(DataError, match="no image files"):
+        scan_unlabelled_folder(str(tmp_path / "out"))
+
+
 # -- embedded datasets -----------------------------------------------------------------------
 def test_embedded_digits_are_the_cached_bytes(tmp_path):
     from mfrecipes.registry import DATASETS
@@ -220,6 +259,8 @@ def test_the_tool_is_a_thin_command_line(tmp_path, capsys):
     assert "shard-{000000..000003}.tar" in capsys.readouterr().out
     assert tool.main(["digits", "--out", str(tmp_path / "d")]) == 2
     assert "already holds a shard set" in capsys.readouterr().err
+    assert tool.parse_args(["imgs", "--out", "o", "--unlabelled"]).unlabelled
+    assert not tool.parse_args(["imgs", "--out", "o"]).unlabelled
 
 
 # -- to and from S3 --------------------------------------------------------------------------

@@ -59,7 +59,14 @@ B4 = model("dit_b_4", 1.0, 0.5, 1.0)
 M2 = model("dit_m_2", 1.0, 0.5, 1.0)    # M/2 CFG unpublished: B settings (our reading)
 L2 = model("dit_l_2", 0.2, 0.92, 0.8)
 XL2 = model("dit_xl_2", 0.2, 0.92, 0.75)
-B4_W2 = {**B4, **cfg(2.0, 0.0, 1.0)}    # the small-model CFG alternative (Table 2)
+L2_SMALL_CFG = {**L2, **cfg(1.0, 0.5, 1.0)}     # Table 2: the B/M settings on the large models
+XL2_SMALL_CFG = {**XL2, **cfg(1.0, 0.5, 1.0)}
+FFHQ_EPOCH = 70_000
+FFHQ_B2 = {**{k: v for k, v in IMAGENET.items() if k != "data.params.num_classes"},
+           "data.params.conditional": False, "backbone.name": "dit_b_2",
+           "objective.name": "meanflow", "objective.params.omega": 1.0,
+           "objective.params.kappa": 0.0, "objective.params.class_dropout": 0.0,
+           "train.total_images": 400 * FFHQ_EPOCH}
 
 DIGITS = {"data.name": "digits", "backbone.name": "dit_tiny_2", "objective.name": "meanflow",
           "objective.params.class_dropout": 0.1, "train.total_images": 150_000,
@@ -79,10 +86,17 @@ TABLE = {
     "imagenet256/table1/xl2_meanflow.yaml": {**XL2, **MF},
     "imagenet256/table1/xl2_ours.yaml": {**XL2, **DTD_BETA},
     "imagenet256/table1/xl2_ours_minsnr.yaml": {**XL2, **MINSNR_BETA},
-    # Table 2: CFG omega 2, kappa 0
-    "imagenet256/table2/b4_meanflow_w2.yaml": {**B4_W2, **MF},
-    "imagenet256/table2/b4_minsnr_beta_w2.yaml": {**B4_W2, **MINSNR_BETA},
-    "imagenet256/table2/b4_dtd_beta_w2.yaml": {**B4_W2, **DTD_BETA},
+    # Table 2: L/2 and XL/2 trained with the small-model CFG (omega 1.0, kappa 0.5, no interval)
+    "imagenet256/table2/l2_meanflow_small_cfg.yaml": {**L2_SMALL_CFG, **MF},
+    "imagenet256/table2/l2_ours_small_cfg.yaml": {**L2_SMALL_CFG, **DTD_BETA},
+    "imagenet256/table2/xl2_meanflow_small_cfg.yaml": {**XL2_SMALL_CFG, **MF},
+    "imagenet256/table2/xl2_ours_small_cfg.yaml": {**XL2_SMALL_CFG, **DTD_BETA},
+    # Table 6: FFHQ 256, unconditional, DiT-B/2, 400 epochs
+    "ffhq256/table6/meanflow.yaml": {**FFHQ_B2, **MF},
+    "ffhq256/table6/minsnr.yaml": {**FFHQ_B2, **MINSNR},
+    "ffhq256/table6/dtd.yaml": {**FFHQ_B2, **DTD},
+    "ffhq256/table6/beta.yaml": {**FFHQ_B2, **BETA},
+    "ffhq256/table6/dtd_beta.yaml": {**FFHQ_B2, **DTD_BETA},
     # Table 3: the B/4 ablation
     "imagenet256/table3/meanflow.yaml": {**B4, **MF},
     "imagenet256/table3/minsnr.yaml": {**B4, **MINSNR},
@@ -142,7 +156,7 @@ TABLE = {
        for n, k in (("0", 0.0), ("001", 0.01), ("003", 0.03), ("01", 0.1))},
     **{f"digits/fig4/scratch_gap_{n}.yaml": {
         **DIGITS, **MF, "train.total_images": 100_000, "timestep_sampler.params.gap_range": g,
-        "timestep_sampler.params.fm_ratio": 0.75}
+        "timestep_sampler.params.fm_ratio": 0.0}     # appendix A: no r = t sample
        for n, g in (("01_03", [0.1, 0.3]), ("03_05", [0.3, 0.5]), ("05_07", [0.5, 0.7]),
                     ("07_09", [0.7, 0.9]))},
     "digits/fig2_vpre0.yaml": {**DIGITS, **MF, "train.total_images": 100_000},
@@ -161,7 +175,8 @@ TABLE = {
         **DIGITS, **MF, "timestep_sampler.params.gap_range": g,
         "stages": [{"name": "v_pretrain", "images": 50_000,
                     "overrides": {"timestep_sampler.params.fm_ratio": 1.0}},
-                   {"name": "u_finetune", "images": 100_000, "overrides": {}}]}
+                   {"name": "u_finetune", "images": 100_000,
+                    "overrides": {"timestep_sampler.params.fm_ratio": 0.0}}]}
        for n, g in (("01_03", [0.1, 0.3]), ("03_05", [0.3, 0.5]), ("05_07", [0.5, 0.7]),
                     ("07_09", [0.7, 0.9]))},
     "observation/digits_dmf.yaml": {
@@ -227,7 +242,7 @@ def test_recipe_resolves_to_its_row(rel):
 
 def test_every_table_and_study_recipe_has_a_row():
     missing = [p for p in all_recipes() if p not in TABLE and p.split("/")[0] in
-               ("imagenet256", "cv", "digits", "observation")]
+               ("imagenet256", "ffhq256", "cv", "digits", "observation")]
     assert not missing, f"recipes without expected settings in this test: {missing}"
     gone = [p for p in TABLE if p not in all_recipes()]
     assert not gone, f"rows whose recipe file does not exist: {gone}"
@@ -263,3 +278,40 @@ def test_warm_started_recipes_check_once_their_checkpoint_exists(rel, tmp_path, 
     weights.write_bytes(b"")
     monkeypatch.chdir(tmp_path)
     check_recipe(recipe)
+
+
+@pytest.mark.parametrize("rel", [p for p in sorted(TABLE) if p not in WARM_STARTED])
+def test_every_recipe_passes_mfr_check(rel):
+    """What ``mfr check`` does: every component built from the recipe without data or GPU."""
+    recipe, _ = load_recipe(os.path.join(RECIPES_DIR, rel))
+    check_recipe(recipe)
+
+
+# The paper's FID-50K (1-NFE, 2-NFE) as its text prints them (Kim et al. 2025, Tables 1, 2, 6).
+PAPER_FID = {
+    "imagenet256/table1/m2_meanflow.yaml": "5.01 / 4.61",
+    "imagenet256/table1/m2_ours_minsnr.yaml": "4.61 / 4.30",
+    "imagenet256/table1/m2_ours.yaml": "4.43 / 4.10",
+    "imagenet256/table1/l2_meanflow.yaml": "3.84 / 3.35",
+    "imagenet256/table1/l2_ours_minsnr.yaml": "3.79 / 3.31",
+    "imagenet256/table1/l2_ours.yaml": "3.47 / 3.24",
+    "imagenet256/table1/xl2_meanflow.yaml": "3.43 / 2.93",
+    "imagenet256/table1/xl2_ours.yaml": "2.87 / 2.64",
+    "imagenet256/table2/l2_meanflow_small_cfg.yaml": "4.60 / 4.58",
+    "imagenet256/table2/l2_ours_small_cfg.yaml": "4.08 / 3.97",
+    "imagenet256/table2/xl2_meanflow_small_cfg.yaml": "4.72 / 4.64",
+    "imagenet256/table2/xl2_ours_small_cfg.yaml": "4.31 / 4.29",
+    "ffhq256/table6/meanflow.yaml": "12.90 / 9.81",
+    "ffhq256/table6/minsnr.yaml": "12.82 / 9.65",
+    "ffhq256/table6/dtd.yaml": "12.41 / 9.61",
+    "ffhq256/table6/beta.yaml": "12.24 / 9.52",
+    "ffhq256/table6/dtd_beta.yaml": "11.33 / 9.19",
+}
+
+
+@pytest.mark.parametrize("rel", sorted(PAPER_FID))
+def test_readme_row_carries_the_papers_numbers(rel):
+    with open(os.path.join(RECIPES_DIR, "README.md"), encoding="utf-8") as f:
+        rows = [line for line in f if line.startswith("|") and f"`{rel}`" in line]
+    assert rows, f"recipes/README.md has no table row for {rel}"
+    assert any(PAPER_FID[rel] in r and "not in our sources" not in r for r in rows), rows

@@ -49,6 +49,9 @@ def test_plan_globs_recipes_and_seeds(repro, tmp_path):
     t5 = repro.plan("table5", recipes=RECIPES, out="o", seeds=[0])
     assert all(j.kind == "eval" and j.run_dir.startswith(os.path.join("o", "table3"))
                for j in t5)
+    # the paper's Table 5 rows: MeanFlow, Ours w MinSNR, Ours w DTD (the full method: + beta)
+    assert sorted(j.name for j in t5) == ["dtd_beta", "meanflow", "minsnr_beta"]
+    assert all(j.after == (j.run_dir,) for j in t5)
 
 
 def test_dry_run_prints_and_writes_nothing(repro, tmp_path, capsys):

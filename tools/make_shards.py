@@ -7,6 +7,9 @@
 
     # CIFAR-10 from the official python archive -> x.npy shards in [-1, 1]
     python tools/make_shards.py cifar10 --source cifar-10-python.tar.gz --out shards/cifar10
+    # an unlabelled image folder (FFHQ) -> latents without class labels
+    python tools/make_shards.py /data/ffhq/images1024x1024 --unlabelled \\
+        --out s3://my-bucket/ffhq256-latents --device cuda --batch-size 128
 
     # an embedded dataset -> plain x.npy shards
     python tools/make_shards.py digits --out shards/digits-r8
@@ -27,8 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SOURCE",
-                   help="an image folder (one sub-folder per class), cifar10 (with --source) or an "
-                        "embedded dataset: digits, toy2d/<kind>")
+                   help="an image folder (one sub-folder per class, or any layout with "
+                        "--unlabelled), cifar10 (with --source) or an embedded dataset: digits, "
+                        "toy2d/<kind>")
     p.add_argument("--out", required=True, metavar="URL",
                    help="destination folder or URL prefix (local, file://, s3://bucket/prefix)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing shard set")
@@ -40,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("image folders -> latents")
     g.add_argument("--vae", default="stabilityai/sd-vae-ft-mse", metavar="PATH_OR_ID",
                    help="AutoencoderKL: a save_pretrained folder or a hub id")
+    g.add_argument("--unlabelled", action="store_true",
+                   help="no class labels: every image below SOURCE, sub-folders are not classes "
+                        "(unconditional data such as FFHQ)")
     g.add_argument("--resolution", type=int,
                    help="centre-crop size (default 256; digits: 8, 16 or 32, default 8)")
     g.add_argument("--batch-size", type=int, default=32, help="images per VAE call")
@@ -99,7 +106,7 @@ def main(argv=None) -> int:
                             shard_size_mb=args.shard_size_mb, device=device, seed=args.seed,
                             scale=args.scale, dtype=args.dtype, workers=args.workers,
                             name=args.name, prefix=args.prefix, storage_options=opts,
-                            overwrite=args.overwrite,
+                            overwrite=args.overwrite, labels=not args.unlabelled,
                             progress=not args.no_progress and sys.stderr.isatty())
     except MfrError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -14,7 +14,9 @@ Groups (recipes are globbed when the plan is made, so new recipe files join auto
 - ``fig4``: ``digits/fig4/*.yaml`` and ``observation/digits_fig4_vpre_gap_*.yaml`` (gap ranges),
   each run then evaluated as the paper measures v in Fig. 4: Euler on u(z, t, t), 32 steps;
 - ``table5``: no training: Euler sampling on u(z, t, t) with 32, 64 and 128 steps of the table3
-  ``meanflow`` and ``dtd`` runs (``mfr eval --instantaneous``), figures in their eval.jsonl;
+  runs of the paper's Table 5 rows, MeanFlow, "Ours w MinSNR" and "Ours w DTD", which are the
+  full method (``meanflow``, ``minsnr_beta``, ``dtd_beta``; ``mfr eval --instantaneous``),
+  figures in their eval.jsonl;
 - ``cv_sweep``: ``cv/toy2d_*.yaml`` with ``objective.params.beta_cv`` in 0, 0.25, 0.5, 0.75, 1
   (``toy2d_beta1_anchor`` as written); 1M images per run (the quick CPU look of
   recipes/README.md) unless ``--full``;
@@ -59,6 +61,7 @@ GROUPS = ("table3", "table4", "fig2", "fig3", "fig4", "table5", "cv_sweep", "dmf
 DIGITS_METRICS = ("eval/nfe1/fd_digits", "eval/nfe2/fd_digits")
 TOY_METRICS = ("eval/nfe1/swd", "eval/nfe2/swd")
 EULER_STEPS = (32, 64, 128)
+TABLE5_ROWS = ("meanflow", "minsnr_beta", "dtd_beta")   # MeanFlow, Ours w MinSNR, Ours w DTD
 FIG4_EULER_STEPS = (32,)
 BETA_CV = (0.0, 0.25, 0.5, 0.75, 1.0)
 SWEEP_KEY = "objective.params.beta_cv"
@@ -176,7 +179,8 @@ def plan(group: str, *, recipes: str, out: str, seeds: list[int], extra: tuple[s
                 add(path, s, (f"init_from.path={fm_dir}",) if fm_dir else (),
                     after=(fm_dir,) if fm_dir else ())
     elif group == "table5":
-        for path in _globs(recipes, "digits/table3/meanflow.yaml", "digits/table3/dtd.yaml"):
+        # "Ours w X" in the paper is X + progressive beta (Table 1's rows), not + X alone.
+        for path in _globs(recipes, *(f"digits/table3/{row}.yaml" for row in TABLE5_ROWS)):
             for s in seeds:
                 euler(path, s, os.path.join(out, "table3", f"{_stem(path)}-s{s}"), EULER_STEPS)
     else:

@@ -1,8 +1,12 @@
-"""Image folders in the ImageNet layout (``root/<class>/<image>``) and ADM's centre crop.
+"""Image folders in the ImageNet layout (``root/<class>/<image>``) or without labels, and ADM's
+centre crop.
 
-Classes are the sub-folder names in sorted order (index 0, 1, ...), images every file inside them,
-in sorted order; hidden files are ignored. Whether a file is an image is decided by decoding it:
-``load_image`` returns None for anything PIL cannot read, and the caller skips and counts it.
+Labelled folders: classes are the sub-folder names in sorted order (index 0, 1, ...), images every
+file inside them, in sorted order; hidden files are ignored. Whether a file is an image is decided
+by decoding it: ``load_image`` returns None for anything PIL cannot read, and the caller skips and
+counts it. Unlabelled folders (FFHQ: ``root/00000/00000.png`` ...): every file with an image
+extension anywhere below the root, in sorted path order, label None; the sub-folders are only
+storage, not classes.
 """
 from __future__ import annotations
 
@@ -64,3 +68,28 @@ def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], dict[str, int]]
         raise DataError(f"{root} has {len(names)} class folders but no files in them",
                         path="SOURCE")
     return files, classes
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def scan_unlabelled_folder(root: str) -> list[tuple[str, None]]:
+    """``[(path, None), ...]``: every image file below ``root`` (any depth), sorted by path.
+
+    Files are chosen by extension (``IMAGE_EXTENSIONS``, any case) so the licence and metadata
+    files that come with a data set are not counted as unreadable images; hidden files and
+    folders are ignored.
+    """
+    if not os.path.isdir(root):
+        raise DataError(f"not a folder: {root}; valid: a folder of images (any depth, e.g. FFHQ's "
+                        f"images1024x1024/00000/00000.png)", path="SOURCE")
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(os.path.join(folder, name))
+    if not files:
+        raise DataError(f"{root} holds no image files (extensions: "
+                        f"{', '.join(IMAGE_EXTENSIONS)})", path="SOURCE")
+    return [(path, None) for path in sorted(files)]

@@ -9,6 +9,8 @@ index of its folder (sorted names). The file order is shuffled once with ``seed`
 mixes all classes. Samples are keyed ``%08d`` in written order; ``sources.tsv`` beside the
 shards maps each key to its class and source file. The manifest (``manifest.py``) records
 counts, classes (name -> index), the latent shape, ``layout: mean_std``, the VAE and the scale.
+An unlabelled folder (``labels=False``, FFHQ) gives the same shards without ``cls``: every image
+below the root, ``num_classes`` and ``classes`` None, an empty class column in ``sources.tsv``.
 
 Destinations are any fsspec URL: a local folder is written in place; for ``s3://`` and the like
 each shard is written to a local staging folder, uploaded when complete and deleted, so local
@@ -174,11 +176,16 @@ def build_latent_shards(source: str, out: str, *, vae: str, resolution: int = 25
                         seed: int = 0, scale: float = DEFAULT_SCALE, dtype: str = "float32",
                         workers: int = 4, name: Optional[str] = None, prefix: str = "shard",
                         storage_options: Optional[Mapping] = None, overwrite: bool = False,
-                        progress: bool = True, log: Callable[[str], None] = print) -> Manifest:
-    """Encode the image folder ``source`` into latent shards at ``out``; returns the manifest."""
+                        labels: bool = True, progress: bool = True,
+                        log: Callable[[str], None] = print) -> Manifest:
+    """Encode the image folder ``source`` into latent shards at ``out``; returns the manifest.
+
+    ``labels=False``: an unlabelled folder (every image at any depth, no ``cls`` member,
+    ``num_classes`` None in the manifest), for unconditional data sets such as FFHQ.
+    """
     import torch
 
-    from mfrecipes.data.images import scan_image_folder
+    from mfrecipes.data.images import scan_image_folder, scan_unlabelled_folder
     from mfrecipes.data.vae import encode_images, load_vae
 
     if resolution < 8 or resolution % 8:
@@ -191,7 +198,11 @@ def build_latent_shards(source: str, out: str, *, vae: str, resolution: int = 25
         shard_pattern(prefix)
     except ValueError as err:
         raise DataError(str(err), path="--prefix") from err
-    files, classes = scan_image_folder(source)
+    labelled = labels  # the name ``labels`` is reused for each batch's labels below
+    if labelled:
+        files, classes = scan_image_folder(source)
+    else:
+        files, classes = scan_unlabelled_folder(source), None
     order = np.random.default_rng(seed).permutation(len(files))
     files = [files[i] for i in order]
     if os.path.isdir(vae):  # record where the weights are, not where the command ran
@@ -218,7 +229,7 @@ def build_latent_shards(source: str, out: str, *, vae: str, resolution: int = 25
                     shape = both.shape[2:]
                     for arr, label, path in zip(both, labels, paths):
                         writer.write(array_sample(written, arr, label, "latent.npy"))
-                        sources.write(f"{written:08d}\t{label}\t"
+                        sources.write(f"{written:08d}\t{'' if label is None else label}\t"
                                       f"{os.path.relpath(path, source)}\n")
                         written += 1
                 advance(done)
@@ -236,14 +247,15 @@ def build_latent_shards(source: str, out: str, *, vae: str, resolution: int = 25
         manifest = Manifest(
             name=name or f"{os.path.basename(os.path.abspath(source))}-{resolution}-latents",
             key="latent.npy", modality="latent", sample_shape=tuple(int(n) for n in shape),
-            num_classes=len(classes), shards=entries, latent_scale=float(scale), vae=vae,
-            layout="mean_std", classes=classes,
+            num_classes=len(classes) if labelled else None, shards=entries,
+            latent_scale=float(scale), vae=vae, layout="mean_std", classes=classes,
             params={"source": os.path.basename(os.path.abspath(source)),
                     "resolution": resolution, "crop": "adm_center", "dtype": dtype,
                     "seed": seed, "skipped_files": len(skipped)})
         dest.finish(manifest)
         log(f"wrote {manifest.total} latents {list(manifest.sample_shape)} in "
-            f"{len(entries)} shards, {len(classes)} classes ({len(skipped)} files skipped); "
+            f"{len(entries)} shards, {f'{len(classes)} classes' if labelled else 'no labels'} "
+            f"({len(skipped)} files skipped); "
             f"urls: {_pattern(dest, len(entries), prefix)}")
         return manifest
     finally:
