@@ -301,7 +301,9 @@ class Trainer:
                 before = self.images
                 self.images += cfg.global_batch_size
                 self.step += 1
-                logger.advance(self.images, f"loss {loss_value:.4g}")
+                logger.advance(self.images, "  ".join(  # the figures that move
+                    f"{k[4:]} {diag[k]:.4g}" for k in ("obj/v_loss", "obj/u_err") if k in diag)
+                    or f"loss {loss_value:.4g}")
                 if math.isfinite(loss_value):
                     window["loss"] += loss_value
                     window["n"] += 1
