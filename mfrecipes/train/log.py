@@ -111,6 +111,11 @@ class RunLogger:
                 shown += "  " + self._clock(int(record.get("images", 0)))
             self.console.print(shown, highlight=False)
 
+    def image(self, tag: str, image, images: int) -> None:
+        """An ``[H, W, 3]`` uint8 picture (a labelled sample grid) into TensorBoard."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_image(tag, image, images, dataformats="HWC")
+
     def advance(self, images: int, status: str = "") -> None:
         if self._progress is not None:
             self._progress.update(self._task, completed=images, status=status)
