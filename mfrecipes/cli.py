@@ -1,7 +1,8 @@
-"""The ``mfr`` command: run | check | show | list | sample | eval.
+"""The ``mfr`` command: run | check | show | list | sample | eval | export.
 
 Every error a user can cause ends in one message (what, where, what would be valid) on stderr and a
-non-zero exit, never a traceback.
+non-zero exit, never a traceback. Options and dotted overrides may come in any order
+(``mfr run R --out DIR train.lr=2e-4``).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("recipe")
     check.add_argument("overrides", nargs="*")
 
-    show = sub.add_parser("show", help="print the resolved recipe")
+    show = sub.add_parser("show", help="print the resolved recipe, every component parameter "
+                                       "with its value (defaults filled in)")
     show.add_argument("recipe")
     show.add_argument("overrides", nargs="*")
 
@@ -40,7 +42,29 @@ def _parser() -> argparse.ArgumentParser:
                                              "loss_weighting, gap_schedule or dataset")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
     _add_sample_eval(sub)
+
+    exp = sub.add_parser("export", help="write a trained model as a self-describing folder "
+                                        "(config.json, model.safetensors, README.md)")
+    exp.add_argument("run_dir", help="run directory written by `mfr run`")
+    exp.add_argument("--out", required=True, help="folder to write")
+    exp.add_argument("--ema", default=None, metavar="NAME",
+                     help="weights group, e.g. ema_0.9999 (default: the first EMA); raw for the "
+                          "trained weights")
+    exp.add_argument("--checkpoint", help="checkpoint folder or name (default: latest)")
     return p
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Dotted overrides may follow options (argparse alone stops a positional list at the first
+    option and calls the rest unrecognised)."""
+    p = _parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        stray = [a for a in extra if a.startswith("-") or "=" not in a]
+        if stray or not hasattr(args, "overrides"):
+            p.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        args.overrides = list(args.overrides) + list(extra)
+    return args
 
 
 def _int_list(text: str) -> list[int]:
@@ -142,8 +166,11 @@ def cmd_show(args) -> int:
 
     from mfrecipes.data.remote import redact_recipe
 
-    _, data, _ = _resolve_recipe_arg(args.recipe, args.overrides)
-    sys.stdout.write(dump_yaml(redact_recipe(data)))
+    from mfrecipes.recipe.build import load_imports, with_component_defaults
+
+    recipe, data, _ = _resolve_recipe_arg(args.recipe, args.overrides)
+    load_imports(recipe)  # a recipe's own modules register components whose defaults we list
+    sys.stdout.write(dump_yaml(redact_recipe(with_component_defaults(data))))
     return 0
 
 
@@ -176,9 +203,9 @@ def cmd_run(args) -> int:
 
 def _comparable(data: dict) -> dict:
     """Recipes equal up to what may change on resume (the image budget, logging cadence)."""
-    import copy
+    from mfrecipes.recipe.build import with_component_defaults
 
-    d = copy.deepcopy(data)
+    d = with_component_defaults(data)  # a recorded default equals an omitted one
     for key in ("total_images", "log_every_images", "progress_bar"):
         d.get("train", {}).pop(key, None)
     return d
@@ -211,11 +238,12 @@ def cmd_list(args) -> int:
     from rich.table import Table
 
     table = Table(show_lines=False)
-    for col in ("kind", "name", "origin", "parameters"):
+    for col in ("kind", "name", "description", "parameters", "origin"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["kind"], r["name"], r["origin"],
-                      ", ".join(f"{k}={v!r}" for k, v in r["params"].items()))
+        table.add_row(r["kind"], r["name"], r["summary"],
+                      ", ".join(f"{k}={v!r}" for k, v in r["params"].items()),
+                      f"[dim]{r['origin']}[/dim]")
     Console(width=max(160, Console().width)).print(table)
     return 0
 
@@ -253,12 +281,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "check": cmd_check, "show": cmd_show, "list": cmd_list,
+def cmd_export(args) -> int:
+    from mfrecipes.export import export_run
+
+    config = export_run(args.run_dir, args.out, weights=args.ema or "ema",
+                        checkpoint=args.checkpoint)
+    print(json.dumps({"out": args.out, "weights": config["weights"], "images": config["images"],
+                      "backbone": config["backbone"]["name"]}))
+    return 0
+
+
+COMMANDS = {"export": cmd_export, "run": cmd_run, "check": cmd_check, "show": cmd_show, "list": cmd_list,
             "sample": cmd_sample, "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return COMMANDS[args.command](args)
     except MfrError as err:

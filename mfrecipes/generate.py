@@ -7,6 +7,9 @@ process the batch in chunks of ``batch_size`` so that large ``n`` fits in memory
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import types
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -15,7 +18,7 @@ from torch import nn
 from mfrecipes.data.base import DataInfo
 from mfrecipes.errors import RecipeError
 
-__all__ = ["sample_meanflow", "sample_instantaneous", "generate", "even_times"]
+__all__ = ["sample_meanflow", "sample_instantaneous", "generate", "generate_from", "even_times"]
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -150,3 +153,49 @@ def generate(net: nn.Module, info: DataInfo, n: int, *, nfe: int = 1, seed: int 
     else:
         x = sample_meanflow(net, noise, y, nfe=nfe, times=times, batch_size=batch_size)
     return x, y
+
+
+def generate_from(model, n: int, *, nfe: int = 1, seed: int = 0,
+                  labels: Union[None, str, Sequence[int], torch.Tensor] = None,
+                  device: Union[str, torch.device, None] = None, instantaneous: bool = False,
+                  times: Optional[Sequence[float]] = None,
+                  batch_size: Optional[int] = DEFAULT_BATCH_SIZE, decode: bool = False
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``mfrecipes.generate``: ``n`` samples ``(x, y)`` from ``model``.
+
+    ``model`` is what :func:`mfrecipes.load_pretrained` returns, or a path it accepts (an
+    exported folder or a run directory). ``labels``: None / ``"uniform"``, ``"balanced"``, or
+    class indices (a list or tensor of length ``n``; ``num_classes`` is the null class).
+    ``decode=True`` turns latents into images ``[n, 3, H, W]`` in [-1, 1] through the data's VAE
+    (loaded with diffusers). The other arguments are those of :func:`generate`.
+    """
+    from mfrecipes.export import Pretrained, load_pretrained
+
+    if isinstance(model, (str, os.PathLike)):
+        model = load_pretrained(model, device=device or "cpu")
+    if not isinstance(model, Pretrained):
+        raise TypeError(f"mfrecipes.generate expects what mfrecipes.load_pretrained returns (or "
+                        f"a path to load), got {type(model).__name__}; for a bare network use "
+                        f"mfrecipes.generate.generate(net, info, n)")
+    if isinstance(labels, (list, tuple)):
+        labels = torch.tensor(labels, dtype=torch.long)
+    x, y = generate(model.net, model.info, n, nfe=nfe, seed=seed, device=device, labels=labels,
+                    times=times, instantaneous=instantaneous, batch_size=batch_size)
+    if decode and model.info.modality == "latent":
+        from mfrecipes.data.vae import decode_latents
+
+        x = decode_latents(x, model.info)
+    return x, y
+
+
+class _CallableModule(types.ModuleType):
+    """``mfrecipes.generate(model, n)`` is the public call, while ``mfrecipes.generate`` is also
+    this module (``from mfrecipes import generate; generate.sample_meanflow(...)``): once a
+    submodule is imported, Python binds its name on the package, so the function and the module
+    must be one object."""
+
+    def __call__(self, model, n: int, **kwargs):
+        return generate_from(model, n, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

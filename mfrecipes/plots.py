@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["images_to_uint8", "save_image_grid", "save_scatter", "save_curves", "save_sweep"]
+__all__ = ["images_to_uint8", "save_image_grid", "labelled_grid", "save_scatter", "save_curves", "save_sweep"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -67,6 +67,59 @@ def save_image_grid(x: torch.Tensor, path: PathLike, nrow: Optional[int] = None,
     pil = Image.fromarray(grid[..., 0] if c == 1 else grid)            # mode L (grey) or RGB
     path, tmp = _atomic_target(path)
     pil.save(tmp, format="PNG")
+    return _commit(tmp, path)
+
+
+def labelled_grid(x: torch.Tensor, *, title: str, labels: Optional[Sequence[int]] = None,
+                  class_names: Optional[Sequence[str]] = None, ncol: Optional[int] = None,
+                  min_cell: int = 32) -> np.ndarray:
+    """A grid ``[H, W, 3]`` uint8 of ``x [N, C, H, W]`` in [-1, 1] (``torchvision.utils.
+    make_grid``) under a title line, with each column headed by its class when ``labels`` (one
+    per image) repeat with period ``ncol`` (as ``labels="balanced"`` draws them)."""
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
+
+    if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
+        raise ValueError(f"labelled_grid expects a non-empty [N, C, H, W] batch with C = 1 or 3, "
+                         f"got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    up = max(1, math.ceil(min_cell / min(h, w)))
+    img = torch.from_numpy(images_to_uint8(x)).permute(0, 3, 1, 2)          # [N, C, H, W] uint8
+    img = img.repeat_interleave(up, 2).repeat_interleave(up, 3)             # nearest-neighbour
+    if c == 1:
+        img = img.expand(-1, 3, -1, -1)
+    ncol = ncol or math.ceil(math.sqrt(n))
+    pad = 2
+    grid = make_grid(img, nrow=ncol, padding=pad, pad_value=128).permute(1, 2, 0).numpy()
+    font = ImageFont.load_default()
+    line = 14
+    head = line + 6 + (line if labels is not None else 0)
+    width = max(grid.shape[1], 8 * len(title) + 8)
+    canvas = Image.new("RGB", (width, grid.shape[0] + head), "white")
+    canvas.paste(Image.fromarray(np.ascontiguousarray(grid)), (0, head))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 3), title, fill="black", font=font)
+    if labels is not None:
+        cell = w * up + pad
+        for k in range(min(ncol, n)):
+            cls = int(labels[k])
+            text = class_names[cls] if class_names and cls < len(class_names) else str(cls)
+            draw.text((pad + k * cell + cell // 2 - 3 * len(text), line + 4), text, fill="black",
+                      font=font)
+    return np.asarray(canvas)
+
+
+def save_labelled_grid(x: torch.Tensor, path: PathLike, **kwargs) -> Path:
+    """:func:`labelled_grid` written as a PNG (atomically)."""
+    return save_png(labelled_grid(x, **kwargs), path)
+
+
+def save_png(arr: np.ndarray, path: PathLike) -> Path:
+    """An ``[H, W, 3]`` uint8 array as a PNG, atomically."""
+    from PIL import Image
+
+    path, tmp = _atomic_target(path)
+    Image.fromarray(np.asarray(arr)).save(tmp, format="PNG")
     return _commit(tmp, path)
 
 

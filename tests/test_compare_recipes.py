@@ -159,3 +159,14 @@ def test_curve_labels_are_short_and_unambiguous():
     assert _curve_label(row, keys) == "beta-s0 (+2)"   # too long: the run's name
     assert _curve_label(row, ["gap_schedule.params.k"]) == "k=1.0"
     assert _curve_label({"run": "r", "x.k": "<unset>"}, ["x.k"]) == "r"
+
+
+def test_tool_without_metric_picks_one_the_runs_have(runs, tmp_path, capsys):
+    tool = load_tool("compare_recipes")
+    assert tool.main(runs) == 0
+    captured = capsys.readouterr()
+    assert f"metric: {M}" in captured.err and "mf_s0" in captured.out
+    bare = _run(tmp_path, "bare")                       # logs only a loss
+    assert tool.main([bare]) == 2
+    err = capsys.readouterr().err
+    assert "pass --metric, one of: loss" in err

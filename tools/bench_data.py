@@ -7,6 +7,8 @@ epoch (best of ``--repeats``) of:
 
 * ours: ``Shards(...).batches(B)``: the whole training path (tar parse, shuffle buffer, decode,
   ``0.18215 * (mean + std * n)`` with fresh seeded noise, batching into tensors);
+* webdataset: ``wds.WebDataset`` over the same shards with a shuffle buffer, ``.decode()`` of
+  the ``.npy``, the same noise draw and ``.batched(B)``;
 * stdlib: the same tar files read with ``tarfile`` (stream mode) and ``numpy.load`` of each
   member, and nothing else;
 
@@ -85,6 +87,28 @@ def ours(urls, n: int, batch: int, workers: int, storage_options=None):
     return run
 
 
+def webdataset_pipeline(urls: str, n: int, batch: int):
+    import webdataset as wds
+
+    from mfrecipes.data.make_shards import DEFAULT_SCALE
+
+    def run() -> int:
+        rng = np.random.default_rng(0)
+
+        def latent(sample):
+            ms = sample["latent.npy"]                       # [2, 4, 32, 32]: mean, std
+            z = ms[0] + ms[1] * rng.standard_normal(ms.shape[1:], dtype=np.float32)
+            return DEFAULT_SCALE * z, sample["cls"]
+
+        ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(1000)
+              .decode().map(latent).batched(batch))
+        got = 0
+        for x, _ in ds:
+            got += len(x)
+        return got
+    return run
+
+
 def stdlib_tar(opener, names: list[str]):
     def run() -> int:
         got = 0
@@ -156,6 +180,8 @@ def main(argv=None) -> int:
                "batch_size": args.batch_size, "workers": args.workers}
         res["local_ours"] = best_rate(ours(pattern, n, args.batch_size, args.workers), n,
                                       args.repeats)
+        res["local_webdataset"] = best_rate(webdataset_pipeline(pattern, n, args.batch_size), n,
+                                            args.repeats)
         res["local_stdlib"] = best_rate(stdlib_tar(lambda nm: open(os.path.join(folder, nm),
                                                                    "rb"), names),
                                         n, args.repeats)
@@ -171,6 +197,7 @@ def main(argv=None) -> int:
         for where in ("local", "s3"):
             if f"{where}_ours" in res:
                 res[f"{where}_ratio"] = res[f"{where}_ours"] / res[f"{where}_stdlib"]
+        res["local_ours_over_webdataset"] = res["local_ours"] / res["local_webdataset"]
         res["step_img_per_s"] = args.step_img_per_s
         if args.step_img_per_s:
             for where in ("local", "s3"):
@@ -194,6 +221,8 @@ def main(argv=None) -> int:
         if f"{where}_ours" in res:
             print(f"{where:8} {res[where + '_ours']:10.0f} {res[where + '_stdlib']:10.0f} "
                   f"{res[where + '_ratio']:12.2f}")
+    print(f"local webdataset pipeline: {res['local_webdataset']:.0f}/s; ours / webdataset = "
+          f"{res['local_ours_over_webdataset']:.2f}")
     if args.step_img_per_s:
         for where in ("local", "s3"):
             if f"{where}_headroom" in res:

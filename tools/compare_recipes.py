@@ -20,11 +20,12 @@ import sys
 
 def main(argv=None) -> int:
     from mfrecipes.errors import MfrError
-    from mfrecipes.evaluate.compare import compare
+    from mfrecipes.evaluate.compare import compare, pick_metric
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--metric", default="eval/nfe1/fd_digits")
+    p.add_argument("--metric", default=None,
+                   help="default: an eval/ metric every run logged (1-NFE first)")
     p.add_argument("--threshold", type=float)
     p.add_argument("--direction", default="auto", choices=["auto", "lower", "higher"])
     p.add_argument("--group-seeds", action="store_true")
@@ -34,6 +35,9 @@ def main(argv=None) -> int:
     p.add_argument("--logy", action="store_true", help="log scale for the plot's y axis")
     args = p.parse_args(argv)
     try:
+        if args.metric is None:
+            args.metric = pick_metric(args.run_dirs)
+            print(f"metric: {args.metric} (choose another with --metric)", file=sys.stderr)
         cmp = compare(args.run_dirs, args.metric, threshold=args.threshold,
                       direction=args.direction, group_seeds=args.group_seeds)
     except MfrError as err:

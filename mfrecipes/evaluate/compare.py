@@ -224,6 +224,32 @@ def _label(run_dir: str) -> str:
     return os.path.basename(os.path.normpath(run_dir))
 
 
+def run_metrics(run_dir: str) -> set[str]:
+    """The numeric keys a run logged (metrics.jsonl and eval.jsonl), ``images``/``step``/``time``
+    aside."""
+    keys: set[str] = set()
+    for source in ("eval.jsonl", "metrics.jsonl"):
+        for rec in read_jsonl(os.path.join(run_dir, source)):
+            keys.update(k for k, v in rec.items() if k not in ("images", "step", "time", "seed",
+                                                               "num")
+                        and isinstance(v, (int, float)) and not isinstance(v, bool))
+    return keys
+
+
+def pick_metric(run_dirs: Sequence[str]) -> str:
+    """The quality metric every run has (``eval/...``; the 1-NFE one first), else an error that
+    lists what the runs have."""
+    have = [run_metrics(d) for d in run_dirs]
+    common = set.intersection(*have) if have else set()
+    evals = sorted((k for k in common if k.startswith("eval/")),
+                   key=lambda k: (not k.startswith("eval/nfe1/"), k))
+    if evals:
+        return evals[0]
+    union = sorted(set().union(*have)) if have else []
+    raise RecipeError("no eval/ metric is logged by every run; pass --metric, one of: "
+                      + (", ".join(union) if union else "(none: the runs logged nothing)"))
+
+
 def compare(run_dirs: Sequence[str], metric: str, *, threshold: Optional[float] = None,
             direction: str = "auto", group_seeds: bool = False) -> Comparison:
     """One row per run (or per seed group) for ``metric`` (see the module docstring)."""

@@ -19,7 +19,8 @@ from typing import Optional
 import attrs
 import torch
 
-from mfrecipes.objectives.base import as_batch, check_guidance_needs_labels, check_probability
+from mfrecipes.objectives.base import (as_batch, check_guidance_needs_labels, check_probability,
+                                       check_real)
 
 __all__ = ["Guidance"]
 
@@ -35,6 +36,8 @@ class Guidance:
     class_dropout: float = 0.0
 
     def __attrs_post_init__(self) -> None:
+        for name in ("omega", "kappa", "t_start", "t_end"):
+            check_real(name, getattr(self, name))
         if not self.omega >= 0:
             raise ValueError(f"omega must be >= 0 (1.0 = no guidance), got {self.omega!r}")
         if not 0 <= self.kappa < 1:

@@ -23,6 +23,7 @@ from mfrecipes.objectives.base import (
     ObjectiveOutput,
     apply_class_dropout,
     as_batch,
+    check_real,
     check_inputs,
     draw,
     interpolate,
@@ -152,6 +153,9 @@ class MeanFlow(MeanFlowSettings):
             raise ValueError(f"jvp_impl must be one of {JVP_IMPLS}, got {self.jvp_impl!r}")
         if self.jvp_dtype not in JVP_DTYPES:
             raise ValueError(f"jvp_dtype must be one of {JVP_DTYPES}, got {self.jvp_dtype!r}")
+        for name in ("v_noise", "fm_anchor_weight", "fm_anchor_delta", "beta_cv", "beta_cv_s0",
+                     "beta_cv_s1"):
+            check_real(name, getattr(self, name))
         if not self.v_noise >= 0:
             raise ValueError(f"v_noise must be >= 0, got {self.v_noise!r}")
         if self.v_noise_scale not in V_NOISE_SCALES:

@@ -112,6 +112,43 @@ def _static_data_info(factory, params):
         raise RecipeError(str(err), path="data.params") from err
 
 
+def with_component_defaults(resolved: dict) -> dict:
+    """A copy of a resolved recipe mapping in which every component block lists all of its
+    component's parameters, the defaults filled in (``mfr show``, ``recipe.resolved.yaml``), so
+    a recorded run keeps its meaning when a default changes. Runtime arguments and required
+    parameters without a value are not added; a block naming an unknown component is kept as
+    written (the check reports it)."""
+    import copy
+
+    registry.ensure_builtins()
+    out = copy.deepcopy(resolved)
+    for section in COMPONENT_SECTIONS:
+        block = out.get(section)
+        if not isinstance(block, dict) or not isinstance(block.get("name"), str):
+            continue
+        reg = registry_for(section)
+        if block["name"] not in reg:
+            continue
+        params = block.get("params") or {}
+        if not isinstance(params, dict):
+            continue
+        full = {k: _plain_default(v) for k, v in reg.entry(block["name"]).parameters().items()
+                if k not in reg.runtime_args and v is not ... and _plain_default(v) is not ...}
+        full.update(params)
+        block["params"] = full
+    return out
+
+
+def _plain_default(value: Any) -> Any:
+    """A default as YAML can write it (tuples become lists); ``...`` for one it cannot."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_plain_default(v) for v in value]
+        return ... if any(v is ... for v in items) else items
+    return ...
+
+
 def build_light(recipe: Recipe, *, num_classes, device) -> dict[str, Any]:
     sampler = registry.TIMESTEP_SAMPLERS.build(recipe.timestep_sampler.as_dict(),
                                                where="timestep_sampler", device=device)

@@ -27,7 +27,8 @@ def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
         if ok and hi is not None:
             ok = value < hi if hi_open else value <= hi
         if not ok:
-            raise ValueError(f"{attribute.name} must be a number in {interval}, got {value!r}")
+            got = f"{type(value).__name__} {value!r}" if not _is_number(value) else repr(value)
+            raise ValueError(f"{attribute.name} must be a number in {interval}, got {got}")
 
     return check
 
@@ -49,7 +50,8 @@ def integer(lo: int | None = None, hi: int | None = None):
         if (isinstance(value, bool) or not isinstance(value, int)
                 or (lo is not None and value < lo) or (hi is not None and value > hi)):
             valid = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise ValueError(f"{attribute.name} must be an integer {valid}, got {value!r}")
+            raise ValueError(f"{attribute.name} must be an integer {valid}, got "
+                             f"{type(value).__name__} {value!r}")
 
     return check
 

@@ -81,24 +81,40 @@ class RunLogger:
                                                  completed=start_images, status="")
             self._progress.start()
         self._t0 = time.time()
+        self._total, self._start = total_images, start_images
+
+    def _clock(self, images: int) -> str:
+        """``elapsed 0:01:05  eta 0:10:00`` from this process's rate (for non-terminal logs)."""
+        elapsed = time.time() - self._t0
+        done = images - self._start
+        eta = (self._total - images) * elapsed / done if done > 0 else float("nan")
+        return f"elapsed={_hms(elapsed)}  eta={_hms(eta)}"
 
     def log(self, record: dict[str, Any], *, echo: bool = True) -> None:
         if not self.enabled:
             return
         record = {k: _clean(v) for k, v in record.items()}
+        record.setdefault("time", round(time.time(), 3))  # wall clock, seconds since the epoch
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
             step = int(record.get("images", 0))
             for k, v in record.items():
-                if k not in ("images", "step") and isinstance(v, (int, float)) \
+                if k not in ("images", "step", "time") and isinstance(v, (int, float)) \
                         and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
         if echo:
-            shown = "  ".join(f"{k}={_fmt(v)}" for k, v in record.items()
-                              if k in ("images", "loss", "grad_norm", "img_per_s")
-                              or k.startswith("eval/"))
+            # v_loss and u_err move; the adaptive-weighted loss sits near 1 for a whole run.
+            shown = "  ".join(f"{_SHORT.get(k, k)}={_fmt(v)}" for k, v in record.items()
+                              if k in _SHOWN or k.startswith("eval/"))
+            if self._progress is None and "img_per_s" in record:  # cluster logs: no bar
+                shown += "  " + self._clock(int(record.get("images", 0)))
             self.console.print(shown, highlight=False)
+
+    def image(self, tag: str, image, images: int) -> None:
+        """An ``[H, W, 3]`` uint8 picture (a labelled sample grid) into TensorBoard."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_image(tag, image, images, dataformats="HWC")
 
     def advance(self, images: int, status: str = "") -> None:
         if self._progress is not None:
@@ -115,6 +131,17 @@ class RunLogger:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+_SHOWN = ("images", "obj/v_loss", "obj/u_err", "loss", "grad_norm", "img_per_s")
+_SHORT = {"obj/v_loss": "v_loss", "obj/u_err": "u_err"}
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def _fmt(v: Any) -> str:

@@ -257,7 +257,14 @@ class Trainer:
                                    title=f"{self.recipe.run.name}: {nfe}-NFE, "
                                          f"{self.images} images")
             elif self.info.modality == "image":
-                plots.save_image_grid(x[:ev.grid_size], stem)
+                k = self.info.num_classes
+                g = ev.grid_size if not k else max(k, ev.grid_size // k * k)  # whole class rows
+                grid = plots.labelled_grid(
+                    x[:g], ncol=k or None, labels=None if not k else list(range(k)),
+                    title=f"{self.recipe.run.name} | {nfe}-NFE | {self.images:,} images | "
+                          f"EMA {next(iter(self.ema.shadows), 'none')}")
+                plots.save_png(grid, stem)  # one column per class
+                logger.image(f"samples/nfe{nfe}", grid, self.images)
             elif self.info.modality == "latent":
                 self._save_latent_grid(x[:ev.grid_size], stem, logger)
             quality = evaluate.quality(self.dataset, x[:ev.num_samples],
@@ -334,7 +341,9 @@ class Trainer:
                 before = self.images
                 self.images += cfg.global_batch_size
                 self.step += 1
-                logger.advance(self.images, f"loss {loss_value:.4g}")
+                logger.advance(self.images, "  ".join(  # the figures that move
+                    f"{k[4:]} {diag[k]:.4g}" for k in ("obj/v_loss", "obj/u_err") if k in diag)
+                    or f"loss {loss_value:.4g}")
                 if math.isfinite(loss_value):
                     window["loss"] += loss_value
                     window["n"] += 1

@@ -54,6 +54,11 @@ def environment(world_size: int = 1, device: str = "cpu") -> dict:
 def write_run_records(run_dir: str, resolved: dict, *, world_size: int, device: str) -> None:
     os.makedirs(run_dir, exist_ok=True)
     from mfrecipes.data.remote import redact_recipe
+    from mfrecipes.recipe.build import with_component_defaults
+
+    # Every component parameter is written with its value, defaults included: the record keeps
+    # its meaning when a default changes in a later version.
+    resolved = with_component_defaults(resolved)
 
     # Credentials given in a recipe (data.params.storage_options) never reach the disk.
     atomic_write_text(os.path.join(run_dir, RESOLVED), dump_yaml(redact_recipe(resolved)))
