@@ -266,7 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except MfrError as err:
         from mfrecipes.data.remote import scrub
+        from mfrecipes.train.rundir import redact_argv
 
+        redact_argv(list(sys.argv[1:] if argv is None else argv))  # learns the secret values
         print(f"error: {scrub(str(err))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as err:

@@ -28,6 +28,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from typing import Any
 
@@ -161,8 +162,9 @@ def save_checkpoint(ckpt_root: str, *, images: int, step: int,
     return final
 
 
-def _one_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}".replace("\n", " ")
+def _one_line(err: BaseException, limit: int = 240) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _write_plain(tmp: str, images: int, step: int, weights, train_state, meta) -> str | None:
@@ -337,8 +339,10 @@ def load_train_state(ckpt: str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a damaged file
+        why = ("it names objects other than tensors, which are never unpickled"
+               if isinstance(err, pickle.UnpicklingError) else _one_line(err))
         raise CheckpointError(f"damaged checkpoint file {path}: cannot read the train state "
-                              f"({_one_line(err)})") from err
+                              f"({why})") from err
     if not isinstance(state, dict):
         raise CheckpointError(f"damaged checkpoint file {path}: holds a "
                               f"{type(state).__name__}, not a train state")
