@@ -51,6 +51,17 @@ def mfr(tmp_path, *args, timeout=120) -> subprocess.CompletedProcess:
                           env=_env(tmp_path), timeout=timeout)
 
 
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """``mfr ARGS`` in this process (the code path of the command line, without the start-up
+    cost of a new interpreter): exit code, stdout, stderr."""
+    from mfrecipes.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def train(tmp_path, run_dir, overrides=(), **kw):
     path = tmp_path / "r.yaml"
     path.write_text(TOY)
@@ -107,17 +118,17 @@ def plant_pickle(path, marker) -> None:
 
 
 # -- 1. no code from data ----------------------------------------------------------------------
-def test_planted_train_state_and_recipe_tag_do_not_run(finished, tmp_path):
+def test_planted_train_state_and_recipe_tag_do_not_run(finished, tmp_path, capsys):
     run_dir = copy_run(finished, tmp_path / "run")
     marker = tmp_path / "ran"
     newest = run_dir / "checkpoints" / ckpt.checkpoint_name(1280)
     plant_pickle(newest / ckpt.STATE, marker)
     reseal(newest)  # the checksum matches: only the unpickler stands in the way
-    out = mfr(tmp_path, "run", run_dir, "train.total_images=1344")
-    assert out.returncode == 0, out.stderr
+    code, _, err = cli(capsys, "run", run_dir, "train.total_images=1344")
+    assert code == 0, err
     assert not marker.exists()
-    text = "".join(out.stderr.split())  # rich wraps long lines, paths included
-    assert f"damagedcheckpointfile{newest / ckpt.STATE}" in text, out.stderr
+    text = "".join(err.split())  # rich wraps long lines, paths included
+    assert f"damagedcheckpointfile{newest / ckpt.STATE}" in text, err
     assert "resumingfromimg-000000000640instead" in text
     assert (run_dir / "checkpoints" / f"damaged-{newest.name}").is_dir()  # kept, not deleted
 
@@ -125,11 +136,11 @@ def test_planted_train_state_and_recipe_tag_do_not_run(finished, tmp_path):
     resolved = run_dir / "recipe.resolved.yaml"
     resolved.write_text(resolved.read_text() + f"\nx: !!python/object/apply:os.system "
                                                 f"['touch {marker}']\n")
-    out = mfr(tmp_path, "run", run_dir)
-    assert out.returncode == 2 and "Traceback" not in out.stderr and not marker.exists()
+    code, _, err = cli(capsys, "run", run_dir)
+    assert code == 2 and "recipe.resolved.yaml" in err and not marker.exists()
 
 
-def test_sample_does_not_import_a_foreign_runs_modules(finished, tmp_path):
+def test_sample_does_not_import_a_foreign_runs_modules(finished, tmp_path, capsys):
     run_dir = copy_run(finished, tmp_path / "run")
     marker = tmp_path / "imported"
     module = tmp_path / "evil_plugin.py"
@@ -138,17 +149,20 @@ def test_sample_does_not_import_a_foreign_runs_modules(finished, tmp_path):
     resolved.write_text(resolved.read_text().replace("imports: []", f"imports: [{module}]"))
     assert f"imports: [{module}]" in resolved.read_text()
     for cmd in ("sample", "eval"):
-        out = mfr(tmp_path, cmd, run_dir, "--num", "8", "--device", "cpu")
-        assert out.returncode == 2, out.stderr
-        assert "--allow-imports" in out.stderr and not marker.exists()
-    out = mfr(tmp_path, "sample", run_dir, "--num", "8", "--device", "cpu", "--allow-imports",
-              "--out", tmp_path / "s")
-    assert out.returncode == 0, out.stderr
-    assert marker.exists()  # the flag does what it says
+        code, _, err = cli(capsys, cmd, run_dir, "--num", "8", "--device", "cpu")
+        assert code == 2, err
+        assert "--allow-imports" in err and not marker.exists()
+    try:
+        code, _, err = cli(capsys, "sample", run_dir, "--num", "8", "--device", "cpu",
+                           "--allow-imports", "--out", tmp_path / "s")
+        assert code == 0, err
+        assert marker.exists()  # the flag does what it says
+    finally:
+        sys.modules.pop("mfr_local_evil_plugin", None)
 
 
 # -- 2. no secrets on disk ---------------------------------------------------------------------
-def test_planted_secrets_reach_no_file(tmp_path):
+def test_planted_secrets_reach_no_file(tmp_path, capsys, monkeypatch):
     write_wds_shards(tmp_path / "shards", 64, 16)
     secrets = ["AKIAPLANTED0001", "s3cr3tPLANTED0002", "tokPLANTED0003", "pwPLANTED0004",
                "blockPLANTED0005"]
@@ -160,32 +174,34 @@ def test_planted_secrets_reach_no_file(tmp_path):
                                      .replace("checkpoint_every_images: 640",
                                               "checkpoint_every_images: 128"))
     urls = str(tmp_path / "shards") + "/shard-{000000..000003}.tar"
-    out = mfr(tmp_path, "run", tmp_path / "r.yaml",
-              # a whole-block override, a dotted one, and a secret in a free-form block
-              f"data.params={{urls: '{urls}', storage_options: {{key: {secrets[0]}, "
-              f"secret: {secrets[1]}, client_kwargs: {{aws_session_token: {secrets[2]}}}}}}}",
-              f"deepspeed.config={{monitor: {{wandb: {{password: {secrets[3]}}}}}}}",
-              f"data.params.storage_options.token={secrets[4]}", "--out", tmp_path / "run")
-    assert out.returncode == 0, out.stderr
+    args = ["run", str(tmp_path / "r.yaml"),
+            # a whole-block override, a dotted one, and a secret in a free-form block
+            f"data.params={{urls: '{urls}', storage_options: {{key: {secrets[0]}, "
+            f"secret: {secrets[1]}, client_kwargs: {{aws_session_token: {secrets[2]}}}}}}}",
+            f"deepspeed.config={{monitor: {{wandb: {{password: {secrets[3]}}}}}}}",
+            f"data.params.storage_options.token={secrets[4]}", "--out", str(tmp_path / "run")]
+    monkeypatch.setattr(sys, "argv", ["mfr", *args])  # what env.json and the history record
+    code, stdout, stderr = cli(capsys, *args)
+    assert code == 0, stderr
     files = all_files(tmp_path / "run")
     assert "recipe.resolved.yaml" in files and "env.json" in files and "history.jsonl" in files
     found = [(name, s) for name, data in files.items() for s in secrets if s.encode() in data]
     print(f"planted secrets: {len(secrets)}; found on disk: {len(found)} in {len(files)} files")
     assert not found
-    assert not any(s in out.stdout + out.stderr for s in secrets)
+    assert not any(s in stdout + stderr for s in secrets)
     assert "***" in files["env.json"].decode()
     # The shard member name merely looks like a key: kept.
     assert "data.params.key" not in files["recipe.resolved.yaml"].decode()
 
     # An error message that echoes a value does not show a secret either.
-    bad = mfr(tmp_path, "run", tmp_path / "r.yaml",
-              f"data.params.storage_options={{key: {secrets[0]}}}", f"train.lr={secrets[0]}",
-              "--out", tmp_path / "run2")
-    assert bad.returncode == 2 and secrets[0] not in bad.stderr
+    code, _, err = cli(capsys, "run", tmp_path / "r.yaml",
+                       f"data.params.storage_options={{key: {secrets[0]}}}",
+                       f"train.lr={secrets[0]}", "--out", tmp_path / "run2")
+    assert code == 2 and "train.lr" in err and secrets[0] not in err
 
 
 # -- 5. one writer -----------------------------------------------------------------------------
-def test_second_writer_is_refused_with_holder_pid_and_host(tmp_path):
+def test_second_writer_is_refused_with_holder_pid_and_host(tmp_path, capsys):
     (tmp_path / "r.yaml").write_text(TOY.replace("total_images: 1280", "total_images: 10000000")
                                      .replace("checkpoint_every_images: 640",
                                               "checkpoint_every_images: 6400"))
@@ -198,17 +214,21 @@ def test_second_writer_is_refused_with_holder_pid_and_host(tmp_path):
         while not (run_dir / "metrics.jsonl").is_file():  # training, so holding the lock
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.1)
-        second = mfr(tmp_path, "run", run_dir)
-        assert second.returncode == 2, second.stderr
-        assert f"in use by pid {first.pid} on host {socket.gethostname()}" in second.stderr
-        also = mfr(tmp_path, "run", tmp_path / "r.yaml", "--out", run_dir)
-        assert also.returncode == 2 and f"pid {first.pid}" in also.stderr
+        before = all_files(run_dir)
+        code, _, err = cli(capsys, "run", run_dir)  # this process: the second writer
+        err = " ".join(err.split())
+        assert code == 2, err
+        assert f"in use by pid {first.pid} on host {socket.gethostname()}" in err
+        code, _, err = cli(capsys, "run", tmp_path / "r.yaml", "--out", run_dir)
+        assert code == 2 and f"pid {first.pid}" in " ".join(err.split())
+        assert set(all_files(run_dir)) == set(before)  # it wrote nothing (the first one may)
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # a crash: the kernel releases the lock
         first.wait()
-    third = mfr(tmp_path, "run", run_dir, "train.total_images=1280")
-    assert third.returncode == 0, third.stderr
-    assert "resumed from" in third.stderr
+    code, _, err = cli(capsys, "run", run_dir, "train.total_images=1280")
+    assert code == 0, err
+    events = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [e["who"]["pid"] for e in events] == [first.pid, os.getpid()]
 
 
 # -- 6. resume never damages a run -------------------------------------------------------------
@@ -217,11 +237,12 @@ def test_second_writer_is_refused_with_holder_pid_and_host(tmp_path):
     ("objective.name=flow_matching", "objective.name"),
     ("train.ema_decays=[0.9]", "train.ema_decays"),
 ])
-def test_resume_refuses_other_keys_and_writes_nothing(finished, tmp_path, override, path):
+def test_resume_refuses_other_keys_and_writes_nothing(finished, tmp_path, override, path,
+                                                      capsys):
     run_dir = copy_run(finished, tmp_path / "run")
     before = all_files(run_dir)
-    out = mfr(tmp_path, "run", run_dir, override, "train.total_images=1344")
-    assert out.returncode == 2 and path in out.stderr and "Traceback" not in out.stderr
+    code, _, err = cli(capsys, "run", run_dir, override, "train.total_images=1344")
+    assert code == 2 and path in err
     assert all_files(run_dir) == before
     with pytest.raises(RecipeError, match=path.replace(".", r"\.")):
         resume(run_dir, [override])
@@ -288,33 +309,37 @@ def test_damaged_checkpoint_falls_back_to_the_previous(finished, tmp_path, damag
     assert "\n" not in note
 
 
-def test_no_checkpoint_verifies_is_one_clear_error(finished, tmp_path):
+def test_no_checkpoint_verifies_is_one_clear_error(finished, tmp_path, capsys):
     run_dir = copy_run(finished, tmp_path / "run")
     for name in (640, 1280):
         (run_dir / "checkpoints" / ckpt.checkpoint_name(name) / ckpt.META).write_bytes(b"\xff\x00")
-    out = mfr(tmp_path, "run", run_dir)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "no checkpoint" in out.stderr and ckpt.META in out.stderr
+    before = all_files(run_dir)
+    code, _, err = cli(capsys, "run", run_dir)
+    assert code == 2 and "no checkpoint" in err and ckpt.META in err
+    assert all_files(run_dir) == before
 
 
-def test_failed_checkpoint_write_is_a_clear_message(finished, tmp_path):
-    """A write beyond the file-size limit (the kernel refuses it as a full disk would)."""
+def test_failed_checkpoint_write_is_a_clear_message(finished, tmp_path, capsys):
+    """A write beyond the file-size limit: the kernel refuses it (EFBIG) as a full disk would
+    (ENOSPC); the limit is lifted again before the test ends."""
+    import resource
+
     run_dir = copy_run(finished, tmp_path / "run")
-    limit = os.path.getsize(run_dir / "checkpoints" / ckpt.checkpoint_name(1280) / ckpt.STATE) - 1
-    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
-            "from mfrecipes.cli import main; sys.exit(main(sys.argv[1:]))")
-    env = _env(tmp_path)
-    env["MFR_CACHE_DIR"] = os.environ.get("MFR_CACHE_DIR", "")  # the data cache exists already
-    if not env["MFR_CACHE_DIR"]:
-        del env["MFR_CACHE_DIR"]
-    out = subprocess.run([sys.executable, "-c", code, "run", str(run_dir),
-                          "train.total_images=1344"], capture_output=True, text=True, cwd=REPO,
-                         env=env, timeout=120)
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    text = " ".join(out.stderr.split())
-    assert "cannot write checkpoint img-000000001344" in text, out.stderr
-    assert "img-000000001280 is intact" in text
+    limit = os.path.getsize(run_dir / "checkpoints" / ckpt.checkpoint_name(1280) / ckpt.STATE)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    recipe, data = load_recipe(str(run_dir / "recipe.resolved.yaml"), ["train.total_images=1344"])
+    trainer = Trainer(recipe, data, str(run_dir))  # its data cached before the limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit - 1, hard))
+    try:
+        with pytest.raises(CheckpointError) as err:
+            trainer.run()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    text = str(err.value)
+    assert "cannot write checkpoint img-000000001344" in text and "File too large" in text
+    assert "img-000000001280 is intact" in text and "\n" not in text
     names = sorted(os.listdir(run_dir / "checkpoints"))
     assert not any(n.startswith(".tmp-") for n in names)
     ckpt.verify_checkpoint(str(run_dir / "checkpoints" / ckpt.checkpoint_name(1280)))
