@@ -382,3 +382,48 @@ def test_blow_up_before_any_checkpoint_says_none_exists(tmp_path):
     with pytest.raises(TrainingError, match="no good checkpoint exists"):
         trainer.run()
     assert not ckpt.checkpoints_newest_first(str(tmp_path / "run" / "checkpoints"))
+
+
+# -- DeepSpeed: its files are never unpickled; the ranks share the lock --------------------------
+@pytest.mark.slow
+def test_deepspeed_resume_ignores_planted_files_and_ranks_share_the_lock(tmp_path):
+    import shutil
+
+    from ds_launch import RECIPE, final_weights, spawn, run as ds_run
+
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    ds_run([str(tmp_path / "r.yaml"), "--out", str(ref)], 2, tmp_path / "ref.log")
+    shutil.copytree(ref, cut)
+    shutil.rmtree(cut / "checkpoints" / ckpt.checkpoint_name(320))
+    (cut / "checkpoints" / "latest").write_text(ckpt.checkpoint_name(160) + "\n")
+    marker = tmp_path / "ran"
+    native = cut / "checkpoints" / ckpt.checkpoint_name(160) / "deepspeed" / "state"
+    planted = sorted(native.glob("*.pt"))
+    assert len(planted) == 3  # mp_rank_00_model_states.pt and one optimiser file per rank
+    for f in planted:
+        plant_pickle(f, marker)
+
+    # A real process holds the lock: both ranks are refused, neither hangs.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; "
+                               "from mfrecipes.train.rundir import RunLock; "
+                               f"RunLock({str(cut)!r}).acquire(); print('locked', flush=True); "
+                               "time.sleep(600)"], cwd=REPO, env=_env(tmp_path),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        log = tmp_path / "refused.log"
+        procs = spawn([str(cut)], 2, log)
+        codes = [p.wait(timeout=240) for p in procs]
+        assert codes == [2, 2], log.read_text()[-3000:]
+        assert f"in use by pid {holder.pid}" in " ".join(log.read_text().split())
+    finally:
+        holder.kill()
+        holder.wait()
+
+    ds_run([str(cut)], 2, tmp_path / "resume.log")
+    assert not marker.exists()
+    a, b = final_weights(ref), final_weights(cut)
+    for group in a:
+        for key in a[group]:
+            assert torch.equal(a[group][key], b[group][key]), f"{group}.{key}"
