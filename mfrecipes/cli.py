@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="recipe YAML, or an existing run directory to resume")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4")
     run.add_argument("--out", help="run directory (default: runs/<run.name>)")
+    run.add_argument("--init-missing-ema", action="store_true",
+                     help="on resume, start an EMA the checkpoint lacks from the raw weights "
+                          "(recorded in the run's history) instead of refusing")
 
     check = sub.add_parser("check", help="validate a recipe without training")
     check.add_argument("recipe")
@@ -95,6 +98,9 @@ def _add_sample_eval(sub) -> None:
         q.add_argument("--batch-size", type=int, default=256)
         q.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
         q.add_argument("--vae", help="VAE id or folder for latent data (default: the data's)")
+        q.add_argument("--allow-imports", action="store_true",
+                       help="import the modules the run's recipe lists under imports: (code "
+                            "named by the run directory: only for runs you trust)")
 
     s = sub.add_parser("sample", help="draw samples from a run: PNG grid / scatter and .npz")
     common(s)
@@ -175,40 +181,24 @@ def cmd_show(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from mfrecipes.data.remote import redact_recipe
     from mfrecipes.recipe.build import check_recipe
-    from mfrecipes.recipe.load import read_yaml
+    from mfrecipes.train import rundir
     from mfrecipes.train.loop import train
-    from mfrecipes.train.rundir import RESOLVED
 
     recipe, data, run_dir = _resolve_recipe_arg(args.recipe, args.overrides)
-    check_recipe(recipe, for_run=True)  # fail before any heavy work
     if run_dir is None:
         run_dir = args.out or recipe.run.out_dir or os.path.join("runs", recipe.run.name)
-        existing = os.path.join(run_dir, RESOLVED)
-        if os.path.isfile(existing):
-            old = read_yaml(existing)
-            if _comparable(old) != _comparable(redact_recipe(data)):
-                raise RecipeError(
-                    f"run directory {run_dir} holds a different recipe; resume it with "
-                    f"`mfr run {run_dir}`, or choose a new directory with --out")
     elif args.out and os.path.abspath(args.out) != os.path.abspath(run_dir):
         raise RecipeError("--out cannot be combined with a run directory argument (the run "
                           "directory is the output)")
-    result = train(recipe, data, run_dir)
+    old = rundir.previous_recipe(run_dir)
+    if old is not None:  # a resume: only keys that may change differ (checked again, locked)
+        rundir.resume_changes(old, data)
+    check_recipe(recipe, for_run=True)  # fail before any heavy work
+    result = train(recipe, data, run_dir, init_missing_ema=args.init_missing_ema)
     if int(os.environ.get("RANK", "0")) == 0:  # launched on several ranks: rank 0 reports
         print(json.dumps({"run_dir": run_dir, **result}))
     return 0
-
-
-def _comparable(data: dict) -> dict:
-    """Recipes equal up to what may change on resume (the image budget, logging cadence)."""
-    from mfrecipes.recipe.build import with_component_defaults
-
-    d = with_component_defaults(data)  # a recorded default equals an omitted one
-    for key in ("total_images", "log_every_images", "progress_bar"):
-        d.get("train", {}).pop(key, None)
-    return d
 
 
 def cmd_list(args) -> int:
@@ -248,8 +238,19 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _allow_imports(args) -> None:
+    """``--allow-imports``: import the run's recipe modules now; without it ``load_run``
+    refuses a run whose recipe names modules not already imported."""
+    if getattr(args, "allow_imports", False):
+        from mfrecipes.evaluate.load import _read_recipe
+
+        _read_recipe(args.run_dir, allow_imports=True)
+
+
 def cmd_sample(args) -> int:
     from mfrecipes.evaluate import commands
+
+    _allow_imports(args)
 
     spec, *more = commands.sampler_specs(args.nfe, args.steps, args.instantaneous)
     if more:
@@ -265,6 +266,8 @@ def cmd_sample(args) -> int:
 
 def cmd_eval(args) -> int:
     from mfrecipes.evaluate import commands
+
+    _allow_imports(args)
 
     record = commands.eval_run(
         args.run_dir, specs=commands.sampler_specs(args.nfe, args.steps, args.instantaneous),
@@ -300,7 +303,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except MfrError as err:
-        print(f"error: {err}", file=sys.stderr)
+        from mfrecipes.data.remote import scrub
+        from mfrecipes.train.rundir import redact_argv
+
+        redact_argv(list(sys.argv[1:] if argv is None else argv))  # learns the secret values
+        print(f"error: {scrub(str(err))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:
+        from mfrecipes.train.checkpoint import disk_full
+
+        if not disk_full(err):
+            raise
+        print(f"error: cannot write {err.filename or 'a file'}: {err.strerror}; free disk space "
+              f"and resume with `mfr run RUN_DIR` (the last checkpoint is intact)",
+              file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)

@@ -10,6 +10,7 @@ about 1e-7 per step; 10 AdamW steps at lr 1e-2 with clipping move the weights by
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -103,6 +104,9 @@ def test_resume_deepspeed_checkpoint_with_single_engine(runs, tmp_path):
     state = ckpt.load_train_state(str(folder))
     state["engine"] = {}
     torch.save(state, folder / "train_state.pt")
+    meta = ckpt.load_meta(str(folder))  # a valid checkpoint, only without optimiser state
+    meta["files"]["train_state.pt"] = ckpt.file_digest(str(folder / "train_state.pt"))
+    (folder / "meta.json").write_text(json.dumps(meta))
     recipe, data = load_recipe(str(lost / "recipe.resolved.yaml"), ["engine=single"])
     Trainer(recipe, data, str(lost)).run()
     d = max_diff(final_weights(runs / "zero2"), final_weights(lost))

@@ -41,37 +41,73 @@ T = TypeVar("T")
 # Schemes routed through fsspec (the backend package must be installed: s3fs, gcsfs, adlfs...).
 FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory", "hdfs")
 
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session", "sas")
+# A mapping key is secret when one of its words (split at "_", "-", "." and camelCase) is one of
+# these or ends in key/secret/token/password ("accessKey", "aws_secret_access_key", "apikey").
+_SECRET_WORDS = frozenset(("key", "secret", "token", "password", "passwd", "credential",
+                           "credentials", "session", "sas", "auth", "authorization", "cookie"))
+_SECRET_ENDINGS = ("key", "secret", "token", "password")
+# Recipe paths whose key merely looks secret: the shards' ``key`` names a sample's member file
+# (``latent.npy``). Anywhere else, ``key`` is treated as a credential.
+NOT_SECRET_PATHS = frozenset({("data", "params", "key")})
 REDACTED = "***"
+_seen_secrets: set[str] = set()
 
 
 def is_secret_key(name: Any) -> bool:
-    """Whether an option name looks like it holds a secret (``key``, ``secret``, ``token``...)."""
-    return any(w in str(name).lower() for w in _SECRET_WORDS)
+    """Whether a mapping key looks like it holds a secret (``key``, ``secret``, ``token``...)."""
+    import re
+
+    words = re.split(r"[^0-9a-zA-Z]+|(?<=[a-z0-9])(?=[A-Z])", str(name))
+    return any(w.lower() in _SECRET_WORDS or w.lower().endswith(_SECRET_ENDINGS)
+               for w in words if w)
 
 
-def redact(options: Any) -> Any:
-    """A copy of ``options`` safe to print: values under secret-looking keys become ``***``."""
+def _remember(value: Any) -> None:
+    """Keep the text of a redacted value so that ``scrub`` can hide it in any message."""
+    if isinstance(value, Mapping):
+        for v in value.values():
+            _remember(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _remember(v)
+    elif value is not None and not isinstance(value, bool) and len(str(value)) >= 4 \
+            and str(value) != REDACTED:
+        _seen_secrets.add(str(value))
+
+
+def redact(options: Any, _path: tuple = (), _exempt: frozenset = frozenset()) -> Any:
+    """A copy of ``options`` safe to print or record: the value under every secret-looking key,
+    at any depth, becomes ``***`` (and is remembered for ``scrub``)."""
     if isinstance(options, Mapping):
-        return {k: (REDACTED if is_secret_key(k) and v is not None else redact(v))
-                for k, v in options.items()}
+        out = {}
+        for k, v in options.items():
+            path = (*_path, str(k))
+            if is_secret_key(k) and v is not None and path not in _exempt:
+                _remember(v)
+                out[k] = REDACTED
+            else:
+                out[k] = redact(v, path, _exempt)
+        return out
     if isinstance(options, (list, tuple)):
-        return type(options)(redact(v) for v in options)
+        return type(options)(redact(v, _path, _exempt) for v in options)
     return options
 
 
 def redact_recipe(resolved: Mapping) -> dict:
-    """A copy of a resolved recipe mapping with ``data.params.storage_options`` redacted.
+    """A copy of a recipe mapping with every secret-looking value redacted, at any depth.
 
-    This is what a run directory records (``recipe.resolved.yaml``): credentials given in the
-    recipe never reach the disk. Everything else is returned unchanged (deep-copied).
+    This is what every record of a run directory holds (``recipe.resolved.yaml``, the history)
+    and what messages show: credentials given in a recipe or an override, also inside a whole
+    block (``data={...}``), never reach the disk.
     """
-    out = copy.deepcopy(dict(resolved))
-    params = (out.get("data") or {}).get("params") if isinstance(out.get("data"), Mapping) \
-        else None
-    if isinstance(params, Mapping) and params.get("storage_options") is not None:
-        params["storage_options"] = redact(params["storage_options"])
-    return out
+    return redact(copy.deepcopy(dict(resolved)), (), NOT_SECRET_PATHS)
+
+
+def scrub(text: str) -> str:
+    """``text`` with every secret value redaction has seen replaced by ``***``."""
+    for secret in sorted(_seen_secrets, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 def scheme(url: str) -> str:

@@ -46,7 +46,11 @@ class LoadedRun:
         return self.dataset
 
 
-def _read_recipe(run_dir: str):
+def _read_recipe(run_dir: str, *, allow_imports: bool = False):
+    """The run's recipe. Its ``imports:`` are code named by the run directory: they are
+    imported only with ``allow_imports`` (``--allow-imports``), else refused unless this
+    process imported them already."""
+    from mfrecipes import plugins
     from mfrecipes.recipe import load_recipe
     from mfrecipes.recipe.build import load_imports
     from mfrecipes.registry import ensure_builtins
@@ -57,6 +61,11 @@ def _read_recipe(run_dir: str):
         raise RecipeError(f"{run_dir!r} is not a run directory (no {RESOLVED}); pass the folder "
                           f"`mfr run` wrote (e.g. runs/<name>)")
     recipe, _ = load_recipe(path)
+    pending = [m for m in recipe.imports if m not in plugins.imported_modules()]
+    if pending and not allow_imports:
+        raise RecipeError(f"run {run_dir} names modules to import ({', '.join(pending)}): code "
+                          f"from the run directory, not imported by default; pass "
+                          f"--allow-imports if you trust this run", path="imports")
     load_imports(recipe)  # a recipe's own modules register its components
     ensure_builtins()
     return recipe

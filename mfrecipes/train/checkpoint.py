@@ -7,19 +7,28 @@ Layout of ``RUN_DIR/checkpoints``::
         train_state.pt         optimiser (torch AdamW layout), RNG states and data position of
                                every rank, counters, component states
         deepspeed/             DeepSpeed's own files, one partition per rank (engine: deepspeed)
-        meta.json              images, step, the keys above, versions (written last)
+        meta.json              images, step, the keys above, versions, and the size and
+                               SHA-256 of weights.safetensors and train_state.pt (written last)
     latest                     the name of the newest complete checkpoint
+    damaged-img-.../           a checkpoint that failed verification on resume, set aside (kept)
 
 A checkpoint is written into a hidden temporary folder and renamed into place, and ``latest`` is
 replaced atomically afterwards, so a crash at any moment leaves either the old or the new
 checkpoint complete, never a half-written one. With several ranks, rank 0 names the temporary
 folder, every rank writes its engine files into it, and after a barrier rank 0 adds its files and
 renames. Evaluation and sampling read only ``weights.safetensors``, never an engine's format.
+
+Nothing here unpickles more than tensors: ``train_state.pt`` is read with ``weights_only=True``.
+``verify_checkpoint`` checks a folder against its checksums before a resume trusts it; a write
+that fails (a full disk) removes its own temporary folder and says which checkpoint is intact.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import pickle
 import shutil
 from typing import Any
 
@@ -31,6 +40,21 @@ WEIGHTS = "weights.safetensors"
 STATE = "train_state.pt"
 META = "meta.json"
 LATEST = "latest"
+DAMAGED = "damaged-"
+# Keys a train state must hold, and their types (a damaged or foreign file fails here).
+_STATE_KEYS = {"images": int, "step": int, "nonfinite": int, "generator": torch.Tensor,
+               "engine": dict}
+
+
+def file_digest(path: str) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex}`` of a file, read in 8 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": h.hexdigest()}
 
 
 def _fsync_dir(path: str) -> None:
@@ -46,12 +70,29 @@ def _fsync_dir(path: str) -> None:
 
 def atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with _suppress_os():
+            os.remove(tmp)  # a full disk leaves the old file and no half-written one
+        raise
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+class _suppress_os:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        return kind is not None and issubclass(kind, OSError)
+
+
+def disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def checkpoint_name(images: int) -> str:
@@ -76,40 +117,86 @@ def save_checkpoint(ckpt_root: str, *, images: int, step: int,
     (``engine.save_native``) into the shared temporary folder; ``weights``, ``train_state`` and
     ``meta`` are needed on the main rank only.
     """
-    from safetensors.torch import save_file
-
     name = checkpoint_name(images)
     final = os.path.join(ckpt_root, name)
     main = engine is None or engine.is_main
     tmp = os.path.join(ckpt_root, f".tmp-{name}-{os.getpid()}")
+    failure = None
     if main:
-        os.makedirs(ckpt_root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        try:
+            os.makedirs(ckpt_root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except OSError as err:
+            failure = _one_line(err)
     if engine is not None:
-        tmp = engine.broadcast(tmp)  # after rank 0 made it: also a barrier
-        engine.save_native(tmp)
-        _fsync_tree(tmp)
-        engine.barrier()  # every rank's files are in place before rank 0 renames
-        if not main:
-            return final
-    # "group/param.name": EMA group names contain dots (ema_0.9999), so "/" separates.
-    flat = {f"{prefix}/{k}": v.detach().to("cpu").contiguous().clone()
-            for prefix, sd in weights.items() for k, v in sd.items()}
-    save_file(flat, os.path.join(tmp, WEIGHTS),
-              metadata={"images": str(images), "groups": ",".join(weights)})
-    torch.save(train_state, os.path.join(tmp, STATE))
-    meta = dict(meta, images=images, step=step, weights=sorted(weights), complete=True)
-    with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
-    _fsync_tree(tmp)
-    if os.path.exists(final):  # same image count written again (e.g. final == periodic)
-        _remove(ckpt_root, name)
-    os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
-    atomic_write_text(os.path.join(ckpt_root, LATEST), name + "\n")
+        tmp, failure = engine.broadcast((tmp, failure))  # after rank 0 made it: also a barrier
+        if failure is None:
+            try:
+                engine.save_native(tmp)
+                _fsync_tree(tmp)
+            except Exception as err:  # noqa: BLE001 - every rank must learn of it, not hang
+                failure = f"rank {engine.rank}: {_one_line(err)}"
+        # Every rank's files are in place (or one failed) before rank 0 goes on.
+        failure = next((f for f in engine.gather(failure) if f), None)
+        if failure is None and main:
+            failure = _write_plain(tmp, images, step, weights, train_state, meta)
+        failure = engine.broadcast(failure)
+    elif failure is None:
+        failure = _write_plain(tmp, images, step, weights, train_state, meta)
+    if failure is not None:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_write_failed(ckpt_root, name, failure))
+    if not main:
+        return final
+    try:
+        if os.path.exists(final):  # same image count written again (e.g. final == periodic)
+            _remove(ckpt_root, name)
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_root)
+        atomic_write_text(os.path.join(ckpt_root, LATEST), name + "\n")
+    except OSError as err:
+        raise CheckpointError(_write_failed(ckpt_root, name, _one_line(err))) from err
     _prune(ckpt_root, keep)
     return final
+
+
+def _one_line(err: BaseException, limit: int = 240) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _write_plain(tmp: str, images: int, step: int, weights, train_state, meta) -> str | None:
+    """The main rank's files, checksums in ``meta.json`` last; a failure as one line."""
+    from safetensors.torch import save_file
+
+    try:
+        # "group/param.name": EMA group names contain dots (ema_0.9999), so "/" separates.
+        flat = {f"{prefix}/{k}": v.detach().to("cpu").contiguous().clone()
+                for prefix, sd in weights.items() for k, v in sd.items()}
+        save_file(flat, os.path.join(tmp, WEIGHTS),
+                  metadata={"images": str(images), "groups": ",".join(weights)})
+        torch.save(train_state, os.path.join(tmp, STATE))
+        files = {fn: file_digest(os.path.join(tmp, fn)) for fn in (WEIGHTS, STATE)}
+        meta = dict(meta, images=images, step=step, weights=sorted(weights), files=files,
+                    complete=True)
+        with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+        _fsync_tree(tmp)
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError (a full disk), ...
+        return _one_line(err)
+    return None
+
+
+def _write_failed(ckpt_root: str, name: str, failure: str) -> str:
+    previous = latest_checkpoint(ckpt_root) if os.path.isdir(ckpt_root) else None
+    intact = (f"the previous checkpoint {os.path.basename(previous)} is intact" if previous
+              else "no earlier checkpoint exists")
+    hint = ("free disk space, then " if any(w in failure for w in (
+        "No space left", "quota", "File too large")) else "")
+    return (f"cannot write checkpoint {name} in {ckpt_root} ({failure}); nothing partial was "
+            f"left, {intact}; {hint}resume with `mfr run RUN_DIR`")
 
 
 def _complete(ckpt_root: str) -> list[str]:
@@ -142,21 +229,87 @@ def latest_checkpoint(ckpt_root: str) -> str | None:
         return None
     complete = _complete(ckpt_root)
     pointer = os.path.join(ckpt_root, LATEST)
-    if os.path.isfile(pointer):
+    try:
         with open(pointer, encoding="utf-8") as f:
             name = f.read().strip()
-        if name in complete:
-            return os.path.join(ckpt_root, name)
+    except (OSError, ValueError):  # missing, or not text: the folder names decide
+        name = None
+    if name in complete:
+        return os.path.join(ckpt_root, name)
     return os.path.join(ckpt_root, complete[-1]) if complete else None
 
 
+def checkpoints_newest_first(ckpt_root: str) -> list[str]:
+    """Every complete checkpoint folder, newest first (the one ``latest`` names leads)."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    names = _complete(ckpt_root)[::-1]
+    first = latest_checkpoint(ckpt_root)
+    if first is not None:
+        names.remove(os.path.basename(first))
+        names.insert(0, os.path.basename(first))
+    return [os.path.join(ckpt_root, n) for n in names]
+
+
 def load_meta(ckpt: str) -> dict:
+    path = os.path.join(ckpt, META)
     try:
-        with open(os.path.join(ckpt, META), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint {ckpt} has an unreadable {META} ({err}); remove "
-                              f"that folder to resume from the previous checkpoint") from err
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:  # ValueError: bad JSON, or bytes that are not UTF-8
+        raise CheckpointError(f"damaged checkpoint file {path}: not readable JSON ({err}); "
+                              f"resume uses the previous checkpoint") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"damaged checkpoint file {path}: holds a {type(meta).__name__}, "
+                              f"not the checkpoint's record")
+    return meta
+
+
+def verify_checkpoint(ckpt: str) -> dict:
+    """The checkpoint's ``meta.json`` once its files match it: sizes and SHA-256 checksums,
+    and the image count in the folder's name. A mismatch is a ``CheckpointError`` of one line
+    naming the file. (Checkpoints written before checksums existed are checked for presence.)"""
+    meta = load_meta(ckpt)
+    where = os.path.join(ckpt, META)
+    name = os.path.basename(os.path.normpath(ckpt))
+    images = meta.get("images")
+    if not isinstance(images, int) or (name.startswith("img-") and
+                                       name != checkpoint_name(images)):
+        raise CheckpointError(f"inconsistent checkpoint {where}: images {images!r} does not "
+                              f"match the folder name {name}")
+    files = meta.get("files")
+    if files is not None and not isinstance(files, dict):
+        raise CheckpointError(f"damaged checkpoint file {where}: 'files' is not a mapping")
+    for fn in (WEIGHTS, STATE):
+        path = os.path.join(ckpt, fn)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"damaged checkpoint: {path} is missing")
+        want = (files or {}).get(fn)
+        if files is None:
+            continue
+        if not isinstance(want, dict):
+            raise CheckpointError(f"damaged checkpoint file {where}: no checksum for {fn}")
+        size = os.path.getsize(path)
+        if size != want.get("bytes"):
+            raise CheckpointError(f"damaged checkpoint file {path}: {size} bytes, "
+                                  f"{want.get('bytes')} were written (truncated or changed)")
+        if file_digest(path)["sha256"] != want.get("sha256"):
+            raise CheckpointError(f"damaged checkpoint file {path}: its SHA-256 checksum does "
+                                  f"not match the one written with it")
+    return meta
+
+
+def set_aside(ckpt: str) -> str:
+    """Rename a damaged checkpoint folder out of the way (``damaged-img-...``); never delete."""
+    root, name = os.path.split(os.path.normpath(ckpt))
+    target = os.path.join(root, DAMAGED + name)
+    n = 1
+    while os.path.exists(target):
+        n += 1
+        target = os.path.join(root, f"{DAMAGED}{name}.{n}")
+    os.rename(ckpt, target)
+    _fsync_dir(root)
+    return target
 
 
 def load_weights(ckpt: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -170,7 +323,8 @@ def load_weights(ckpt: str) -> dict[str, dict[str, torch.Tensor]]:
     try:
         flat = load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read weights {path}: {err}") from err
+        raise CheckpointError(f"damaged checkpoint file {path}: cannot read weights "
+                              f"({_one_line(err)})") from err
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in flat.items():
         prefix, _, rest = key.partition("/")
@@ -179,10 +333,27 @@ def load_weights(ckpt: str) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def load_train_state(ckpt: str) -> dict[str, Any]:
+    """The train state, tensors and plain containers only (``weights_only=True``: a pickle
+    that names any other object is refused, never run); its layout is checked too."""
     path = os.path.join(ckpt, STATE)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a damaged file
-        raise CheckpointError(f"cannot read train state {path}: {type(err).__name__}: {err}; "
-                              f"remove that checkpoint folder to resume from the previous "
-                              f"one") from err
+        why = ("it names objects other than tensors, which are never unpickled"
+               if isinstance(err, pickle.UnpicklingError) else _one_line(err))
+        raise CheckpointError(f"damaged checkpoint file {path}: cannot read the train state "
+                              f"({why})") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"damaged checkpoint file {path}: holds a "
+                              f"{type(state).__name__}, not a train state")
+    for key, kind in _STATE_KEYS.items():
+        if not isinstance(state.get(key), kind):
+            raise CheckpointError(f"damaged checkpoint file {path}: {key!r} is missing or not "
+                                  f"a {kind.__name__}")
+    ranks = state.get("ranks")
+    if ranks is not None and not (isinstance(ranks, list) and all(
+            isinstance(r, dict) and isinstance(r.get("data_position"), int)
+            and isinstance(r.get("torch_rng"), torch.Tensor) for r in ranks)):
+        raise CheckpointError(f"damaged checkpoint file {path}: 'ranks' is not a list of rank "
+                              f"states")
+    return state

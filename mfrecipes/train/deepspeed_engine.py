@@ -41,10 +41,10 @@ itself.
 Checkpoints (``save_native`` / ``load_state_dict``). Every rank writes its ZeRO partition with
 ``engine.save_checkpoint`` into the checkpoint's temporary folder (``deepspeed/``) before the
 atomic rename. ``state_dict()`` also gathers the optimiser state into one engine-neutral copy in
-torch's AdamW layout, which rank 0 saves with the train state. Resuming with the same world size
-and ZeRO stage loads DeepSpeed's own state (bit-exact); with another world size (or from a
-single-process run, or into one) the weights come from the plain safetensors file and the AdamW
-moments from that consolidated copy.
+torch's AdamW layout, which rank 0 saves with the train state. A resume, whatever the world size or
+engine, takes the weights (fp32 master copies included) from the plain safetensors file and the
+AdamW moments from that consolidated copy; DeepSpeed's files are written for its own tools and
+never read back, because DeepSpeed loads them with full unpickling (code from a file would run).
 """
 from __future__ import annotations
 
@@ -371,18 +371,13 @@ class DeepSpeedEngine:
         self.ds.save_checkpoint(target, tag=NATIVE_TAG, save_latest=False)
 
     def load_state_dict(self, state: dict, folder: Optional[str] = None) -> str:
-        """Restore the optimiser; returns a line saying from what."""
-        native = os.path.join(folder, NATIVE_DIR) if folder else None
-        same = (state.get("kind") == "deepspeed" and state.get("world_size") == self.world_size
-                and state.get("zero_stage") == self.zero_stage)
-        if same and native and os.path.isdir(os.path.join(native, NATIVE_TAG)):
-            load_path, _ = self.ds.load_checkpoint(native, tag=NATIVE_TAG, load_module_strict=True,
-                                                   load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
-            if load_path is None:
-                raise CheckpointError(f"DeepSpeed could not load its state from {native}; remove "
-                                      f"that checkpoint folder to resume from the previous one")
-            return "DeepSpeed state"
+        """Restore the optimiser from the consolidated copy; returns a line saying from what.
+
+        DeepSpeed's own files are never read: its loader unpickles them in full (any object,
+        hence any code, a planted file holds). The plain weights (loaded before this) and the
+        consolidated AdamW moments in ``train_state.pt`` (tensors only) restore the same fp32
+        partitions and moments, bit for bit at the same world size.
+        """
         full = state.get("optimizer")
         if not full or "state" not in full:
             return "no optimiser state (reinitialised)"

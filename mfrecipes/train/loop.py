@@ -33,6 +33,7 @@ from mfrecipes.train import checkpoint as ckpt
 from mfrecipes.train.compile import compile_backbone
 from mfrecipes.train.ema import EMA
 from mfrecipes.train.log import RunLogger, truncate_metrics
+from mfrecipes.train import rundir
 from mfrecipes.train.rundir import write_run_records
 from mfrecipes.train.streams import RandomStreams
 
@@ -53,8 +54,13 @@ def _crossed(before: int, after: int, every: int | None) -> bool:
 class Trainer:
     """Holds the parts of one run; ``run()`` is the loop."""
 
-    def __init__(self, recipe: Recipe, resolved: dict, run_dir: str):
+    def __init__(self, recipe: Recipe, resolved: dict, run_dir: str, *,
+                 init_missing_ema: bool = False):
         self.recipe, self.resolved, self.run_dir = recipe, resolved, run_dir
+        # A resumed checkpoint without one of the recipe's EMAs: start it from the raw weights
+        # (recorded in the history) instead of refusing.
+        self.init_missing_ema = init_missing_ema
+        self.resume_notes: list[str] = []
         cfg = recipe.train
         self.device = pick_device(recipe.run.device)
         torch.manual_seed(recipe.run.seed)
@@ -170,6 +176,12 @@ class Trainer:
     def save(self) -> str | None:
         """Every rank takes part; rank 0 writes the plain files."""
         weights = {"net": self.engine.full_state_dict(), **self.ema.state_dicts()}
+        bad = [f"{g}/{k}" for g, sd in weights.items() for k, v in sd.items()
+               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if self.engine.broadcast(bad):  # every rank stops alike
+            raise TrainingError(f"not saving a checkpoint at {self.images} images: weights "
+                                f"{', '.join(bad[:5])} are not finite; "
+                                f"{self.last_good_checkpoint()}")
         state = self.train_state()
         meta = {"recipe": self.recipe.run.name, "ema": list(self.ema.shadows),
                 "sample_shape": list(self.info.sample_shape),
@@ -181,21 +193,75 @@ class Trainer:
                                     meta=meta if main else None,
                                     keep=self.recipe.train.keep_checkpoints, engine=self.engine)
 
-    def resume(self) -> bool:
-        folder = ckpt.latest_checkpoint(os.path.join(self.run_dir, "checkpoints"))
-        folder = self.engine.broadcast(folder)  # every rank resumes from the same checkpoint
-        if folder is None:
-            return False
-        ckpt.load_meta(folder)
+    def last_good_checkpoint(self) -> str:
+        """A sentence naming the newest checkpoint that verifies, or saying there is none."""
+        for folder in ckpt.checkpoints_newest_first(os.path.join(self.run_dir, "checkpoints")):
+            try:
+                meta = ckpt.verify_checkpoint(folder)
+            except CheckpointError:
+                continue
+            return f"the last good checkpoint is {folder} ({meta['images']} images)"
+        return f"no good checkpoint exists in {self.run_dir}/checkpoints"
+
+    def _read_checkpoint(self, folder: str):
+        """Verify and read one checkpoint completely, before anything is changed."""
+        meta = ckpt.verify_checkpoint(folder)
         weights = ckpt.load_weights(folder)
         state = ckpt.load_train_state(folder)
+        if state["images"] != meta["images"]:
+            raise CheckpointError(f"inconsistent checkpoint {folder}: {ckpt.STATE} is at "
+                                  f"{state['images']} images, {ckpt.META} at {meta['images']}")
+        if "net" not in weights:
+            raise CheckpointError(f"damaged checkpoint file {folder}/{ckpt.WEIGHTS}: no raw "
+                                  f"weights (group 'net')")
+        return weights, state
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint that verifies; a damaged one is reported, set aside
+        (``damaged-img-...``, never deleted), and the one before it is used."""
+        root = os.path.join(self.run_dir, "checkpoints")
+        candidates = ckpt.checkpoints_newest_first(root) if self.engine.is_main else None
+        found, problems = None, []
+        if self.engine.is_main:
+            for folder in candidates:
+                try:
+                    read = self._read_checkpoint(folder)
+                except CheckpointError as err:
+                    problems.append((folder, str(err)))
+                    continue
+                found = folder
+                break
+        found, problems = self.engine.broadcast((found, problems))
+        if problems and found is None:
+            raise CheckpointError(f"no checkpoint of {root} verifies ({problems[0][1]}; "
+                                  f"{len(problems)} checked, all kept)")
+        if found is None:
+            return False
+        # Every rank reads the same folder (the main rank has it already).
+        weights, state = read if self.engine.is_main else self._read_checkpoint(found)
+        missing = [k for k in self.ema.shadows if k not in weights]
+        if missing and not self.init_missing_ema:
+            raise CheckpointError(f"checkpoint {found} holds no EMA {', '.join(missing)} "
+                                  f"(it holds {', '.join(sorted(weights))}); pass "
+                                  f"--init-missing-ema to start it from the raw weights",
+                                  path="train.ema_decays")
         try:
             self.engine.load_weights(weights["net"])
-            self.ema.load_state_dicts({k: v for k, v in weights.items() if k != "net"})
+            self.ema.load_state_dicts({k: weights.get(k, weights["net"])
+                                       for k in self.ema.shadows})
         except (KeyError, RuntimeError) as err:
-            raise CheckpointError(f"checkpoint {folder} does not match this recipe's backbone: "
+            raise CheckpointError(f"checkpoint {found} does not match this recipe's backbone: "
                                   f"{err}") from err
-        self.resume_note = self.engine.load_state_dict(state["engine"], folder)
+        for folder, why in problems:
+            self.resume_notes.append(f"{why}; resuming from {os.path.basename(found)} instead")
+            if self.engine.is_main:
+                self.resume_notes.append(f"kept the damaged checkpoint as "
+                                         f"{ckpt.set_aside(folder)}")
+        if missing:
+            self.resume_notes.append(f"EMA {', '.join(missing)} was not in the checkpoint: "
+                                     f"initialised from the raw weights (--init-missing-ema)")
+        self.resumed_from = found
+        self.resume_note = self.engine.load_state_dict(state["engine"], found)
         self.images, self.step = state["images"], state["step"]
         # Component states belong to the stage that was running when the checkpoint was written.
         self._enter_stage(state.get("stage", 0))
@@ -292,13 +358,42 @@ class Trainer:
         plots.save_image_grid(images, path)
 
     # -- the loop -------------------------------------------------------------------------------
+    def _lock(self) -> None:
+        """Rank 0 takes the run directory's lock; every rank learns whether it got it."""
+        self.lock, refused = None, None
+        if self.engine.is_main:
+            try:
+                self.lock = rundir.RunLock(self.run_dir).acquire()
+            except TrainingError as err:
+                refused = err.message
+        refused = self.engine.broadcast(refused)
+        if refused:
+            raise TrainingError(refused)
+
     def run(self) -> dict[str, Any]:
+        self._lock()
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self) -> dict[str, Any]:
         cfg, ev = self.recipe.train, self.recipe.eval
         is_main = self.engine.is_main
+        # Everything is loaded and checked before any record is written.
+        old = rundir.previous_recipe(self.run_dir) if is_main else None
+        changes = rundir.resume_changes(old, self.resolved) if old is not None else {}
+        resumed = self.resume()
         if is_main:
             write_run_records(self.run_dir, self.resolved, world_size=self.engine.world_size,
                               device=str(self.device))
-        resumed = self.resume()
+            rundir.append_history(self.run_dir, {
+                "event": "resume" if resumed else "start", "images": self.images,
+                "step": self.step, "changed": changes,
+                "checkpoint": os.path.basename(self.resumed_from) if resumed else None,
+                "notes": self.resume_notes, "world_size": self.world,
+                "device": str(self.device)})
         if resumed and is_main:
             truncate_metrics(self.run_dir, self.images)
         init_note = None
@@ -309,6 +404,8 @@ class Trainer:
         if init_note:
             logger.info(f"initialised from {init_note}")
         if resumed:
+            for note in self.resume_notes:
+                logger.info(f"warning: {note}")
             logger.info(f"resumed from {self.images} images (step {self.step}); "
                         f"{self.resume_note}")
         else:
@@ -354,7 +451,8 @@ class Trainer:
                         self.images >= cfg.total_images:
                     dt = max(time.time() - window["t0"], 1e-9)
                     logger.log({"images": self.images, "step": self.step,
-                                "loss": window["loss"] / max(window["n"], 1),
+                                # No finite step in the window: NaN, never a silent 0.
+                                "loss": window["loss"] / window["n"] if window["n"] else math.nan,
                                 "grad_norm": grad_norm, "lr": lr,
                                 "img_per_s": (self.images - window["images0"]) / dt,
                                 "nonfinite": self.nonfinite,
@@ -369,6 +467,10 @@ class Trainer:
                     self.save()
             if ev.at_end and is_main:
                 result.update(self.evaluate(logger))
+            if self.nonfinite and is_main:
+                logger.info(f"warning: {self.nonfinite} update(s) were skipped for a non-finite "
+                            f"loss or gradient (limit train.max_nonfinite="
+                            f"{cfg.max_nonfinite}); see 'nonfinite' in metrics.jsonl")
         finally:
             logger.close()
         return {"images": self.images, "step": self.step, "nonfinite": self.nonfinite, **result}
@@ -444,10 +546,22 @@ class Trainer:
             if self.nonfinite > max_nonfinite:
                 raise TrainingError(
                     f"{self.nonfinite} non-finite losses by {self.images} images (limit "
-                    f"train.max_nonfinite={max_nonfinite}); the last good "
-                    f"checkpoint in {self.run_dir}/checkpoints is intact. Lower train.lr, set "
-                    f"train.grad_clip, or check the data")
+                    f"train.max_nonfinite={max_nonfinite}); nothing non-finite was saved and "
+                    f"{self.last_good_checkpoint()}. Lower train.lr, set train.grad_clip, or "
+                    f"check the data")
             return total, diag, grad_norm
+        # The update itself can blow up (lr or weight decay inf, a NaN clip): one norm over
+        # the weights (float32 overflows for magnitudes beyond ~1e19), the same on every rank.
+        norms = torch._foreach_norm([p.detach() for p in self.net.parameters()])
+        pnorm, = self.engine.mean_across_ranks([float(torch.stack(norms).float().norm())])
+        if not math.isfinite(pnorm):
+            raise TrainingError(
+                f"the weights are not finite after the update at {self.images} images "
+                f"(loss {total:.4g} and gradient norm {grad_norm:.4g} were finite: the "
+                f"update blew up; train.lr={self.stage.recipe.train.lr}, "
+                f"weight_decay={self.stage.recipe.train.weight_decay}, "
+                f"grad_clip={self.stage.recipe.train.grad_clip}); nothing was saved after it "
+                f"and {self.last_good_checkpoint()}")
         self.ema.update(self.net)
         if hasattr(self.sampler, "observe") and math.isfinite(self.watched_loss):
             # The unweighted r = t error, never the weighted loss: with adaptive weighting
@@ -457,5 +571,5 @@ class Trainer:
         return total, diag, grad_norm
 
 
-def train(recipe: Recipe, resolved: dict, run_dir: str) -> dict[str, Any]:
-    return Trainer(recipe, resolved, run_dir).run()
+def train(recipe: Recipe, resolved: dict, run_dir: str, **options) -> dict[str, Any]:
+    return Trainer(recipe, resolved, run_dir, **options).run()

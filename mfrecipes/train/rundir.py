@@ -1,17 +1,40 @@
-"""The run directory records what ran: resolved recipe, plugins, environment."""
+"""The run directory: what ran (resolved recipe, plugins, environment), who writes it (one
+process at a time, by an OS lock), what may differ on resume, and the resume history.
+
+Every record passes through one redaction (``mfrecipes.data.remote.redact_recipe``): a value
+under a secret-looking key (key, secret, token, password, session, credentials...) at any depth,
+in the recipe and in the command line, is written as ``***``.
+"""
 from __future__ import annotations
 
+import datetime
+import getpass
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
+from typing import Any
 
 from mfrecipes import __version__, plugins
 from mfrecipes.recipe.load import dump_yaml
 from mfrecipes.train.checkpoint import atomic_write_text
 
 RESOLVED = "recipe.resolved.yaml"
+HISTORY = "history.jsonl"
+LOCK = ".lock"
+# Keys that may differ when a run is resumed; anything else is refused with its key path.
+# The image budget and the cadences of logging, checkpoints and evaluation do not touch the
+# training math (evaluation never draws from the training generators); the engine, ZeRO stage,
+# micro batch, compilation and device change how a step is computed, not what it computes (the
+# global batch is fixed); max_nonfinite is the safety net's tolerance; credentials may rotate.
+MAY_CHANGE = frozenset({
+    "train.total_images", "train.log_every_images", "train.checkpoint_every_images",
+    "train.keep_checkpoints", "train.progress_bar", "train.max_nonfinite",
+    "train.micro_batch_size", "train.compile", "train.compile_mode",
+    "eval.every_images", "eval.at_end", "engine", "deepspeed.zero_stage",
+    "run.device", "run.out_dir", "run.cache_dir"})
 
 
 def git_commit() -> str | None:
@@ -25,9 +48,35 @@ def git_commit() -> str | None:
 
 
 def _redact_arg(arg: str) -> str:
-    """Hide the value of a storage-options override (it may be a credential)."""
-    key, eq, _ = arg.partition("=")
-    return f"{key}=***" if eq and "storage_options" in key else arg
+    """An override with its secret values hidden: the value of a secret-looking key path, and
+    secret keys inside a whole-block value (``data.params={storage_options: {key: K}}``)."""
+    import yaml
+
+    from mfrecipes.data.remote import REDACTED, is_secret_key, redact_recipe, scrub
+
+    key, eq, raw = arg.partition("=")
+    if not eq or key.startswith("-") or not key:
+        return scrub(arg)
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    nested: Any = value
+    for p in reversed(parts):
+        nested = {p: nested}
+    red = redact_recipe(nested)
+    for p in parts:
+        red = red[p]
+    if red == REDACTED or (red != value and not isinstance(red, str)):
+        return scrub(f"{key}={red if red == REDACTED else json.dumps(red)}")
+    if any(is_secret_key(p) for p in parts) and red != value:
+        return f"{key}={REDACTED}"
+    return scrub(arg)
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    return [_redact_arg(a) for a in argv]
 
 
 def environment(world_size: int = 1, device: str = "cpu") -> dict:
@@ -42,7 +91,7 @@ def environment(world_size: int = 1, device: str = "cpu") -> dict:
         "device": device,
         "world_size": world_size,
         "git_commit": git_commit(),
-        "argv": [_redact_arg(a) for a in sys.argv],
+        "argv": redact_argv(sys.argv),
     }
     for mod in ("timm", "webdataset", "deepspeed"):
         m = sys.modules.get(mod)
@@ -60,7 +109,7 @@ def write_run_records(run_dir: str, resolved: dict, *, world_size: int, device: 
     # its meaning when a default changes in a later version.
     resolved = with_component_defaults(resolved)
 
-    # Credentials given in a recipe (data.params.storage_options) never reach the disk.
+    # Credentials given in a recipe or an override never reach the disk.
     atomic_write_text(os.path.join(run_dir, RESOLVED), dump_yaml(redact_recipe(resolved)))
     atomic_write_text(os.path.join(run_dir, "plugins.json"), json.dumps({
         "entry_points": [p.as_dict() for p in plugins.all_plugins()],
@@ -68,3 +117,118 @@ def write_run_records(run_dir: str, resolved: dict, *, world_size: int, device: 
     }, indent=1))
     atomic_write_text(os.path.join(run_dir, "env.json"),
                       json.dumps(environment(world_size, device), indent=1))
+
+
+def who() -> dict:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = None
+    return {"user": user, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+# -- one writer --------------------------------------------------------------------------------
+class RunLock:
+    """An exclusive OS lock (``flock``) on ``RUN_DIR/.lock``, held while a process trains.
+
+    The kernel releases it when the process ends, however it ends (kill -9 included), so a
+    stale lock never blocks a resume. The file holds the holder's pid, host and start time for
+    the refusal message; it is left in place (deleting it would let two processes lock two
+    different files of one name).
+    """
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, LOCK)
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        from mfrecipes.errors import TrainingError
+
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            os.close(fd)
+            raise TrainingError(
+                f"run directory {os.path.dirname(self.path)} is in use by pid "
+                f"{holder.get('pid', '?')} on host {holder.get('host', '?')} (since "
+                f"{holder.get('since', '?')}); one process writes a run at a time: wait for it "
+                f"to finish or stop it, then resume with `mfr run RUN_DIR`") from err
+        info = json.dumps({**who(), "since": _now()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info, 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor releases the flock
+            self.fd = None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- what may differ on resume -------------------------------------------------------------
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}
+
+
+def resume_changes(old: dict, new: dict) -> dict[str, dict]:
+    """``{key path: {"from": old, "to": new}}`` between two (redacted) recipe mappings; raises
+    a ``RecipeError`` naming every path that may not change on resume."""
+    from mfrecipes.data.remote import REDACTED, redact_recipe
+    from mfrecipes.errors import RecipeError
+
+    from mfrecipes.recipe.build import with_component_defaults
+
+    # A recorded default equals an omitted one (older runs recorded only what was written).
+    a = _flatten(redact_recipe(with_component_defaults(old)))
+    b = _flatten(redact_recipe(with_component_defaults(new)))
+    changed = {k: {"from": a.get(k), "to": b.get(k)} for k in sorted(set(a) | set(b))
+               if a.get(k) != b.get(k)}
+    refused = [k for k, v in changed.items() if k not in MAY_CHANGE
+               and REDACTED not in (v["from"], v["to"])]
+    if refused:
+        shown = "; ".join(f"{k}: {changed[k]['from']!r} -> {changed[k]['to']!r}"
+                          for k in refused[:12])
+        raise RecipeError(
+            f"the run directory holds a different recipe: {shown}"
+            f"{' ...' if len(refused) > 12 else ''}. On resume only "
+            f"{', '.join(sorted(MAY_CHANGE))} (and credentials) may change; start a new run "
+            f"with --out DIR for the others", path=", ".join(refused))
+    return changed
+
+
+def previous_recipe(run_dir: str) -> dict | None:
+    """The recorded recipe of ``run_dir``, or None when it has none yet."""
+    from mfrecipes.recipe.load import read_yaml
+
+    path = os.path.join(run_dir, RESOLVED)
+    return read_yaml(path) if os.path.isfile(path) else None
+
+
+def append_history(run_dir: str, entry: dict) -> None:
+    """One line per start or resume: time, images, what changed, who (redacted)."""
+    from mfrecipes.data.remote import redact
+
+    line = json.dumps(redact({"time": _now(), **entry, "who": who(),
+                              "argv": redact_argv(sys.argv)}), default=str)
+    with open(os.path.join(run_dir, HISTORY), "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
