@@ -1,8 +1,8 @@
 """Sampling: k-NFE with the average velocity, and Euler on the instantaneous velocity.
 
-Both samplers integrate from noise at t = 1 to data at t = 0 (METHOD.md section 8), run under
-``torch.no_grad`` with the network in eval mode (each module's mode is restored afterwards), and
-process the batch in chunks of ``batch_size`` so that large ``n`` fits in memory.
+Both samplers integrate from noise at t = 1 to data at t = 0 (mfrecipes/METHOD.md, section 8), run
+under ``torch.no_grad`` with the network in eval mode (each module's mode is restored afterwards),
+and process the batch in chunks of ``batch_size`` so that large ``n`` fits in memory.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def _integrate(net: nn.Module, noise: torch.Tensor, y: Optional[torch.Tensor], t
 def sample_meanflow(net: nn.Module, noise: torch.Tensor, y: Optional[torch.Tensor] = None, *,
                     nfe: int = 1, times: Optional[Sequence[float]] = None,
                     batch_size: Optional[int] = DEFAULT_BATCH_SIZE) -> torch.Tensor:
-    """k-NFE sampling with the average velocity (METHOD.md section 8).
+    """k-NFE sampling with the average velocity (mfrecipes/METHOD.md, section 8).
 
     ``noise`` is ``z_1 [N, *shape]``; ``y`` is ``[N]`` long or None. With the default evenly spaced
     times, 1-NFE is ``x = z_1 - u(z_1, t = 1, h = 1, y)``. ``times`` (``1 = t_0 > ... > t_k = 0``)

@@ -32,7 +32,7 @@ def _commit(tmp: Path, path: Path) -> Path:
 
 def images_to_uint8(x: torch.Tensor) -> np.ndarray:
     """``x [N, C, H, W]`` in [-1, 1] -> ``[N, H, W, C]`` uint8 via ``clip(127.5 x + 128)``
-    (METHOD.md section 10)."""
+    (mfrecipes/METHOD.md, section 10)."""
     x = x.detach().to("cpu", torch.float32)
     return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 

@@ -82,7 +82,7 @@ _MMAP_THRESHOLD = 16384
 class PortStyleMeanFlow:
     """MeanFlow as public PyTorch ports compute it (benchmark baseline, not a recipe component):
     du/dt from ``torch.func.jvp`` over the whole batch, then a separate forward for the
-    prediction. Same target as ``meanflow`` (Eq. 4) with guidance on every sample."""
+    prediction. Same target as ``meanflow`` (Kim et al. 2025, Eq. 4), guidance on every sample."""
 
     class_dropout: float = 0.0
     omega: float = 1.0
@@ -110,7 +110,7 @@ class PortStyleMeanFlow:
         ones = torch.ones_like(t)
         with torch.no_grad():
             _, dudt = torch.func.jvp(lambda a, b, c: net(a, b, c, y), (z, t, h), (v_g, ones, ones))
-        target = v_g - as_batch(h, x) * dudt  # MeanFlow identity (Eq. 4)
+        target = v_g - as_batch(h, x) * dudt  # MeanFlow target (Kim et al. 2025, Eq. 4)
         u = net(z, t, h, y)
         return ObjectiveOutput(err=sum_sq(u - target), is_average=h != 0, u=u.detach(),
                                target=target)
@@ -121,7 +121,7 @@ class OfficialStyleMeanFlow(PortStyleMeanFlow):
     """MeanFlow as the official PyTorch loss computes it (benchmark baseline, not a recipe
     component): one ``torch.func.jvp`` over the whole batch with autocast off and float32 inputs;
     its primal output is the prediction (it carries the gradient) and its tangent du/dt enters
-    the target. Same target as ``meanflow`` (Eq. 4) with guidance on every sample."""
+    the target. Same target as ``meanflow`` (Kim et al. 2025, Eq. 4), guidance on every sample."""
 
     def __call__(self, net, x, y, t, r, noise, *, progress, ema_net=None, generator=None):
         z, h, y, v_g = self.guided_inputs(net, x, y, t, r, noise, generator)
@@ -130,7 +130,8 @@ class OfficialStyleMeanFlow(PortStyleMeanFlow):
         with torch.autocast(z.device.type, enabled=False):
             u, dudt = torch.func.jvp(lambda a, b, c: net(a, b, c, y), tuple(f32[:3]),
                                      (f32[3], ones, ones))
-            target = (f32[3] - as_batch(f32[2], x) * dudt).detach()  # MeanFlow identity (Eq. 4)
+            # MeanFlow target (Kim et al. 2025, Eq. 4)
+            target = (f32[3] - as_batch(f32[2], x) * dudt).detach()
         return ObjectiveOutput(err=sum_sq(u - target), is_average=h != 0, u=u.detach(),
                                target=target)
 

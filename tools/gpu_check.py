@@ -138,8 +138,10 @@ def _reference_quantities(net, x, noise, t, r, y, k) -> dict[str, torch.Tensor]:
     with _written_out_attention():
         u, du = torch.func.jvp(lambda a, b, c: net(a, b, c, y), (z, t, h),
                                (v, torch.ones_like(t), torch.ones_like(t)))
-        target = (v - h.reshape(tb.shape) * du).detach()   # MeanFlow identity (Eq. 4)
-        target[k:] = v[k:]                                  # r = t rows: target v (Eq. 5)
+        # MeanFlow target (Kim et al. 2025, Eq. 4)
+        target = (v - h.reshape(tb.shape) * du).detach()
+        # r = t rows: target v (Kim et al. 2025, Eq. 5)
+        target[k:] = v[k:]
         loss = (u - target).pow(2).flatten(1).sum(1).mean()
         grad = torch.autograd.grad(loss, list(net.parameters()))
     return {"u": u.detach(), "du": du[:k].detach(), "target": target[:k], "loss": loss.detach(),

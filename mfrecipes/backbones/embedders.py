@@ -1,4 +1,4 @@
-"""Conditioning embedders: c = emb_t(t) + emb_h(h) + emb_y(y) (METHOD.md section 2).
+"""Conditioning embedders: c = emb_t(t) + emb_h(h) + emb_y(y) (mfrecipes/METHOD.md, section 2).
 
 t and h = t - r are raw values in [0, 1] (no x1000 scaling), each through its own sinusoidal
 embedder (256 frequencies' worth of [cos, sin], max period 10000) and a two-layer MLP. Labels have

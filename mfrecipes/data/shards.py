@@ -448,7 +448,7 @@ class Shards:
             mean, std = x[0], x[1]
             if x.dtype != np.float32:
                 mean, std = mean.astype(np.float32), std.astype(np.float32)
-            # z = mean + std * n: a sample of the VAE posterior (METHOD.md section 9)
+            # z = mean + std * n: a sample of the VAE posterior (mfrecipes/METHOD.md, section 9)
             x = std * n
             x += mean
             if self._info.modality == "latent":

@@ -1,9 +1,9 @@
 """The SD-VAE between images and latents: load it, encode images to posteriors, decode latents.
 
 Latent datasets hold the VAE posterior of each image (mean and std, unscaled); training sees
-``latent_scale * (mean + std * n)`` (METHOD.md section 9). Generated latents are decoded with
-``decode_latents``: divide by the scale, run the decoder, images in [-1, 1]. diffusers is imported
-only here, and only when a VAE is loaded (``pip install 'mfrecipes[vae]'``).
+``latent_scale * (mean + std * n)`` (mfrecipes/METHOD.md, section 9). Generated latents are decoded
+with ``decode_latents``: divide by the scale, run the decoder, images in [-1, 1]. diffusers is
+imported only here, and only when a VAE is loaded (``pip install 'mfrecipes[vae]'``).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Sample quality: one entry point, :func:`quality`, dispatching on the dataset.
 
-Metrics per dataset (DESIGN.md section 7):
+Metrics per dataset:
 
 - 2-D points: sliced Wasserstein-1 to fresh reference samples (``swd``);
 - scikit-learn digits: Frechet distance in the features of a small cached classifier (``fd_digits``);
@@ -23,7 +23,8 @@ import torch
 __all__ = ["quality", "register_quality", "QUALITY_BY_NAME", "QUALITY_BY_MODALITY",
            "DEFAULT_POINTS"]
 
-DEFAULT_POINTS = 4096            # sample count of the 2-D benchmarks (METHOD.md section 7)
+# Sample count of the 2-D benchmarks (mfrecipes/METHOD.md, section 7).
+DEFAULT_POINTS = 4096
 
 # fn(dataset, samples, *, cache_dir, seed) -> {metric name: value}
 QualityFn = Callable[..., dict]

@@ -1,9 +1,9 @@
 """The logic of ``mfr sample`` and ``mfr eval``: a checkpoint's network -> samples -> files,
 metrics.
 
-Samplers (METHOD.md section 8): ``nfe`` steps of the average velocity (1-NFE, 2-NFE, k-NFE), or
-with ``instantaneous`` Euler steps on ``u(z, t, h = 0)`` (Kim et al., Table 5). Their metric and
-file tags are ``nfe<k>`` and ``euler<n>``.
+Samplers (mfrecipes/METHOD.md, section 8): ``nfe`` steps of the average velocity (1-NFE, 2-NFE,
+k-NFE), or with ``instantaneous`` Euler steps on ``u(z, t, h = 0)`` (Kim et al. 2025, Table 5).
+Their metric and file tags are ``nfe<k>`` and ``euler<n>``.
 
 Reproducibility: samples are drawn in blocks of :data:`BLOCK` (noise, then labels, from one CPU
 generator per block; block 0 is seeded with ``seed`` itself, block k with ``seed + k * 1000003``),

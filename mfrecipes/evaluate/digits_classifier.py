@@ -1,5 +1,5 @@
 """A small CNN trained on scikit-learn's digits, used as the feature extractor of a Frechet distance
-for digit samples (the embedded-dataset analogue of FID, DESIGN.md section 7).
+for digit samples (the embedded-dataset analogue of FID).
 
 The classifier trains in seconds on a CPU from a fixed seed (80 / 20 split, held-out accuracy
 reported), and is cached as ``<cache_dir>/digits_cnn_v{VERSION}_s{seed}_e{epochs}.safetensors``

@@ -4,8 +4,8 @@ Images are uint8 ``[N, H, W, C]`` (grey images are repeated to RGB). Each is res
 clean-fid does for the chosen ``mode`` (``cleanfid.resize.build_resizer``) and fed as float values
 in [0, 255], NCHW, to an Inception network:
 
-- ``legacy_tensorflow`` (the paper protocol, METHOD.md section 10, and how ADM's reference
-  statistics were made): no resize outside the network; clean-fid's TorchScript Inception
+- ``legacy_tensorflow`` (the paper protocol, mfrecipes/METHOD.md, section 10, and how ADM's
+  reference statistics were made): no resize outside the network; clean-fid's TorchScript Inception
   ``inception-2015-12-05.pt`` resizes inside (``forward(x, return_features=True)``).
 - ``clean``: PIL bicubic resize to 299 x 299, then ``layers((x - 128) / 128)`` of the same file.
 - ``legacy_pytorch``: bilinear resize to 299, pytorch-fid's Inception weights

@@ -1,5 +1,5 @@
-"""Sliced Wasserstein-1 distance between two point sets (METHOD.md section 7: the 2-D benchmarks
-use 4,096 samples and 500 projections).
+"""Sliced Wasserstein-1 distance between two point sets (mfrecipes/METHOD.md, section 7: the
+2-D benchmarks use 4,096 samples and 500 projections).
 
 ``SWD(a, b) = mean over unit directions w of W1(<a, w>, <b, w>)``; each 1-D W1 is exact:
 ``integral_0^1 |F_a^-1(q) - F_b^-1(q)| dq`` for the empirical quantile functions.

@@ -1,16 +1,19 @@
-"""Task-affinity score between the v-loss and the u-loss per gap range (Kim et al., App. A).
+"""Task-affinity score between the v-loss and the u-loss per gap range (Kim et al. 2025, App. A).
 
-The paper's exact formula is not in our sources; our reading is the common gradient-cosine
-affinity. For each gap range [a, b] and each of ``num_batches`` batches:
+Kim et al. 2025 define the score as the cosine similarity between the gradients of the two losses
+within each gap interval, averaged over samples and training epochs; the per-batch computation
+below is our reading. For each gap range [a, b] and each of ``num_batches`` batches:
 
 1. a data batch ``x [B, ...]`` (labels ``y``), noise ``e ~ N(0, I)``, and ``(t, r_raw)`` from the
    run's timestep sampler with ``fm_ratio = 0`` (every pair is an r != t pair);
-2. the gap is rescaled into the range as in training (METHOD.md section 5):
-   ``dt = a + (b - a) * (t - r_raw)``, ``r = max(t - dt, 0)``; t is kept;
-3. ``L_v = mean_i err_i(t_i, r = t_i)`` (flow matching, Eq. 5) and ``L_u = mean_i err_i(t_i, r_i)``
-   (MeanFlow, Eq. 4) with the run's objective on the same x, y, e and t; ``err`` is the
-   objective's unweighted per-sample error (``weighted=True`` multiplies by the run's loss
-   weighting, detached, as training does);
+2. the gap is rescaled into the range as in training (mfrecipes/METHOD.md, section 5):
+   ``dt = a + (b - a) * (t - r_raw)``, ``r = max(t - dt, 0)``; t is kept. Unlike the training
+   sampler, which redraws t where ``t < dt``, r is clipped at 0 here, so in the wide-gap ranges
+   some pairs have a gap below their range;
+3. ``L_v = mean_i err_i(t_i, r = t_i)`` (flow matching, Kim et al. 2025, Eq. 5) and
+   ``L_u = mean_i err_i(t_i, r_i)`` (MeanFlow, Kim et al. 2025, Eq. 4) with the run's objective on
+   the same x, y, e and t; ``err`` is the objective's unweighted per-sample error (``weighted=True``
+   multiplies by the run's loss weighting, detached, as training does);
 4. ``g_v = dL_v/dtheta``, ``g_u = dL_u/dtheta`` over all trainable parameters, flattened;
    ``cos = <g_v, g_u> / (|g_v| |g_u|)``.
 
@@ -113,7 +116,8 @@ def task_affinity(net: nn.Module, objective, batches, sampler, *,
         for x, y, t, r_raw, noise, s in draws:
             x, noise, t = x.to(device), noise.to(device), t.to(device)
             y = None if y is None else y.to(device)
-            gap = a + (b - a) * (t - r_raw.to(device))      # rescaled into [a, b] (METHOD.md 5)
+            # Rescaled into [a, b] (mfrecipes/METHOD.md, section 5); r clipped at 0, see above.
+            gap = a + (b - a) * (t - r_raw.to(device))
             r = (t - gap).clamp_min(0.0)
             g_v = flat_grad(_loss(objective, net, x, y, t, t.clone(), noise,
                                   weighting=weighting, seed=s), params)

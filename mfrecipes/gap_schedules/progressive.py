@@ -74,6 +74,6 @@ class ProgressiveGapWeighting:
         s = self.s(progress)
         with torch.no_grad():
             dt = t.detach() - r.detach()
-            # beta(dt, s) (Kim et al., Eq. 9)
+            # beta(dt, s) (Kim et al. 2025, Sec. 5; weights L_u in Eqs. 8-9)
             beta = 1.0 - s + self.lambda_estimate * s * (1.0 - dt)
             return torch.where(r == t, torch.ones_like(beta), beta)

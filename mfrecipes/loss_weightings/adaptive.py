@@ -1,4 +1,5 @@
-"""Adaptive loss weighting (MeanFlow, Eq. 7; Kim et al., Eq. 7): ``w = 1 / sg((err + c)^p)``."""
+"""Adaptive loss weighting, ``w = 1 / sg((err + c)^p)``: introduced by MeanFlow (Geng et al. 2025),
+written as Kim et al. 2025, Eq. 7."""
 from __future__ import annotations
 
 import attrs
@@ -13,7 +14,7 @@ __all__ = ["AdaptiveWeighting", "adaptive_weights"]
 def adaptive_weights(err: torch.Tensor, p: float, c: float) -> torch.Tensor:
     """``w  # [B] = 1 / (err + c)^p`` on the detached per-sample error ``err  # [B]``."""
     with torch.no_grad():
-        # Adaptive loss weight (MeanFlow, Eq. 7); p = 0 gives constant weights.
+        # Adaptive loss weight (Kim et al. 2025, Eq. 7); p = 0 gives constant weights.
         return (err.detach() + c).pow(-p)
 
 

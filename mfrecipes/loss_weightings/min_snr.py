@@ -1,12 +1,12 @@
 """MinSNR weighting of the v-loss on top of the adaptive weighting (Kim et al., Sec. 5, Eqs. 8-9).
 
 ``w = adaptive(err) * alpha(t)`` on the ``r = t`` samples and ``w = adaptive(err)`` on the others:
-the weights are applied after the adaptive normalisation (Eqs. 8-9).
+the weights are applied after the adaptive normalisation (Kim et al. 2025, Eqs. 8-9).
 
 ``alpha(t)`` is MinSNR (Hang et al. 2023, gamma = 5) rewritten for a velocity target on the path
 ``z_t = (1 - t) x + t e``: the x-error is ``-t (v_hat - v)``, so
 ``alpha(t) = t^2 min(SNR(t), gamma) = min((1 - t)^2, gamma t^2)`` with ``SNR = ((1 - t) / t)^2``
-(our reading, METHOD.md section 6).
+(our reading, mfrecipes/METHOD.md, section 6).
 
 ``normalize: true`` (the default) divides alpha by its mean over the ``r = t`` samples of the
 timestep sampler in use, estimated once by Monte Carlo (``alpha_mean``); for a curriculum sampler

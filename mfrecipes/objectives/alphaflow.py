@@ -138,7 +138,8 @@ class AlphaFlow(MeanFlowBased):
             u_cond[eq_idx] = u.detach()[eq_idx].to(z.dtype)
         v_g = v if guided is None else g.mix(v, u_cond, u_uncond, guided)
 
-        target = v_g.clone()                              # r = t rows: flow matching (Eq. 5)
+        # r = t rows: flow matching (Kim et al. 2025, Eq. 5)
+        target = v_g.clone()
         if len(avg_idx):
             tgt = v_g[avg_idx]
             if alpha < 1:

@@ -1,4 +1,5 @@
-"""What every objective returns, and the small pieces of the path they share (METHOD.md section 1).
+"""What every objective returns, and the small pieces of the path they share
+(mfrecipes/METHOD.md, section 1).
 
 An objective is called as ``objective(net, x, y, t, r, noise, *, progress, ema_net=None)`` and
 returns an :class:`ObjectiveOutput`. It owns the target (JVP, CFG mixing, class dropout); it does
@@ -55,7 +56,8 @@ def as_batch(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(z_t, v)``: the linear path point and its conditional velocity (METHOD.md section 1).
+    """``(z_t, v)``: the linear path point and its conditional velocity
+    (mfrecipes/METHOD.md, section 1).
 
     ``z_t = (1 - t) x + t e`` (data at t = 0, noise at t = 1) and ``v = e - x``; both ``[B, ...]``.
     """

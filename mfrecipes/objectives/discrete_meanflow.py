@@ -1,9 +1,9 @@
-"""The discrete MeanFlow curriculum (Hsu & Wood 2026; METHOD.md section 7): MeanFlow without a
-JVP until the last stage.
+"""The discrete MeanFlow curriculum (Hsu & Wood 2026; mfrecipes/METHOD.md, section 7): MeanFlow
+without a JVP until the last stage.
 
 A finite difference along the path replaces the total derivative in the MeanFlow identity,
 ``du/dt ~ [u(z_t, r, t) - u(z_t - v D, r, t - D)] / D``; solving ``u = v - (t - r) du/dt`` for u
-gives the target (Hsu & Wood, Eq. 5)::
+gives the target (Hsu & Wood 2026)::
 
     u_tgt = [v_g D + (t - r) stopgrad(u(z_t - v_g D, r, t - D))] / (D + t - r)
 
@@ -93,8 +93,8 @@ class DiscreteMeanFlow(MeanFlowBased):
     eps: dagger only: Phi is evaluated at ``min(t, 1 - eps)`` (Phi(1) is infinite).
     stage: pin the stage (0 .. K - 1) instead of following progress (stage-wise recipes, tests).
     selective, jvp_impl, jvp_dtype: passed to the MeanFlow target of the last stage.
-    omega, kappa, t_start, t_end, class_dropout: training-time guidance (METHOD.md section 4),
-        used in every stage.
+    omega, kappa, t_start, t_end, class_dropout: training-time guidance
+        (mfrecipes/METHOD.md, section 4), used in every stage.
     num_classes: set by the framework from the dataset (None: unconditional).
     """
 
@@ -178,8 +178,10 @@ class DiscreteMeanFlow(MeanFlowBased):
                 u_back[call_idx] = net(z_back[call_idx], (t - d)[call_idx], h_back[call_idx],
                                        yc).to(z.dtype)
         db, hb = as_batch(torch.where(is_avg, d, 1.0), z), as_batch(h, z)
-        dmf = (v_g * db + hb * u_back) / (db + hb)        # discrete MeanFlow target (Eq. 5)
-        # r = t rows and boundary rows (D = t - r): exactly v_g, flow matching (Eq. 5)
+        # discrete MeanFlow target (Hsu & Wood 2026)
+        dmf = (v_g * db + hb * u_back) / (db + hb)
+        # r = t rows and boundary rows (D = t - r): exactly v_g, flow matching
+        # (Kim et al. 2025, Eq. 5)
         discrete = as_batch(is_avg & (h_back > 0), z)
         target = torch.where(discrete, dmf, v_g).detach()
 

@@ -1,4 +1,5 @@
-"""Flow matching: regress the instantaneous velocity u(z_t, t, h=0) on v (METHOD.md section 7).
+"""Flow matching: regress the instantaneous velocity u(z_t, t, h=0) on v
+(mfrecipes/METHOD.md, section 7).
 
 Equivalent to MeanFlow with every sample at r = t (fm_ratio = 1); r is ignored.
 """
@@ -49,7 +50,7 @@ class FlowMatching:
         z, v = interpolate(x, noise, t)                       # [B, ...]
         y, dropped = apply_class_dropout(y, self.class_dropout, self.num_classes, generator)
         u = net(z, t, torch.zeros_like(t), y)                 # u(z_t, t, t): h = 0
-        err = sum_sq(u - v)                                   # [B], L_v (Eq. 5)
+        err = sum_sq(u - v)                                   # [B], L_v (Kim et al. 2025, Eq. 5)
         stats = {"v_loss": err.detach().mean()}
         if dropped is not None:
             stats["drop_share"] = dropped.float().mean()

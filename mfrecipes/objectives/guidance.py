@@ -1,4 +1,4 @@
-"""Training-time guidance: the CFG-mixed velocity v_g (METHOD.md section 4).
+"""Training-time guidance: the CFG-mixed velocity v_g (mfrecipes/METHOD.md, section 4).
 
 The network's own instantaneous velocities, without gradient::
 
@@ -7,10 +7,11 @@ The network's own instantaneous velocities, without gradient::
 
 mix into the velocity that replaces v in the target and the JVP tangent::
 
-    kappa = 0:  v_g = u_uncond + omega (v - u_uncond)                          (MeanFlow, Eq. 19)
-    kappa > 0:  v_g = omega v + kappa u_cond + (1 - omega - kappa) u_uncond    (MeanFlow, Eq. 20)
+    kappa = 0:  v_g = u_uncond + omega (v - u_uncond)
+    kappa > 0:  v_g = omega v + kappa u_cond + (1 - omega - kappa) u_uncond
 
-only where ``t_start <= t <= t_end`` and the label was not dropped; elsewhere ``v_g = v``.
+(Geng et al. 2025, Eq. 19 for kappa = 0 and Eq. 20 for kappa > 0), only where
+``t_start <= t <= t_end`` and the label was not dropped; elsewhere ``v_g = v``.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class Guidance:
         if not self.omega >= 0:
             raise ValueError(f"omega must be >= 0 (1.0 = no guidance), got {self.omega!r}")
         if not 0 <= self.kappa < 1:
-            raise ValueError(f"kappa must be in [0, 1) (0 = Eq. 19 form), got {self.kappa!r}")
+            raise ValueError(f"kappa must be in [0, 1) (0 = the form of Geng et al. 2025, Eq. 19), "
+                             f"got {self.kappa!r}")
         if not 0 <= self.t_start <= self.t_end <= 1:
             raise ValueError(f"need 0 <= t_start <= t_end <= 1, got t_start={self.t_start!r}, "
                              f"t_end={self.t_end!r}")
@@ -75,10 +77,10 @@ class Guidance:
             guided: torch.Tensor) -> torch.Tensor:
         """``v_g [B, ...]``; rows with ``guided = False`` get ``v`` (their u_* may be garbage)."""
         if self.kappa == 0:
-            mixed = u_uncond + self.omega * (v - u_uncond)  # MeanFlow, Eq. 19
+            mixed = u_uncond + self.omega * (v - u_uncond)  # Geng et al. 2025, Eq. 19
         else:
             mixed = (self.omega * v + self.kappa * u_cond
-                     + (1 - self.omega - self.kappa) * u_uncond)  # MeanFlow, Eq. 20
+                     + (1 - self.omega - self.kappa) * u_uncond)  # Geng et al. 2025, Eq. 20
         return torch.where(as_batch(guided, v), mixed, v)
 
     @staticmethod

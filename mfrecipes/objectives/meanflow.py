@@ -1,16 +1,16 @@
-"""The MeanFlow objective (METHOD.md sections 3, 4 and 7), with CFG-mixed targets.
+"""The MeanFlow objective (mfrecipes/METHOD.md, sections 3, 4 and 7), with CFG-mixed targets.
 
     (u, du/dt) = jvp(lambda z, t, r: net(z, t, t - r, y), (z_t, t, r), (tangent_z, 1, 0))
-    u_tgt      = stopgrad(v_g - (t - r) du/dt)                                      (Eq. 4)
+    u_tgt      = stopgrad(v_g - (t - r) du/dt)                   (Kim et al. 2025, Eq. 4)
     err        = sum over non-batch dims of (u - u_tgt)^2
 
 The prediction u is the primal output of the JVP call, so one call gives both. Samples with r = t
-reduce to flow matching (Eq. 5): their JVP term is multiplied by 0, so the selective path runs the
-tangent pass only on the r != t samples (same loss, same gradients). With a backbone that takes
-tangents for leading rows (``jvp_leading_rows``, the built-in DiT and MLP) the r = t samples ride
-in the same call as the primal of the r != t samples, so a step costs one batched forward and
-backward, as in flow matching, plus a tangent pass on the r != t rows; other backbones get a
-separate plain forward for the r = t samples.
+reduce to flow matching (Kim et al. 2025, Eq. 5): their JVP term is multiplied by 0, so the
+selective path runs the tangent pass only on the r != t samples (same loss, same gradients).
+With a backbone that takes tangents for leading rows (``jvp_leading_rows``, the built-in DiT and
+MLP) the r = t samples ride in the same call as the primal of the r != t samples, so a step costs
+one batched forward and backward, as in flow matching, plus a tangent pass on the r != t rows;
+other backbones get a separate plain forward for the r = t samples.
 """
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ class MeanFlowSettings:
 @OBJECTIVES.register("meanflow")
 @attrs.frozen
 class MeanFlow(MeanFlowSettings):
-    """MeanFlow: JVP target (Eq. 4), CFG-mixed targets, selective JVP, control-variate tangent.
+    """MeanFlow: JVP target (Kim et al. 2025, Eq. 4), CFG-mixed targets, selective JVP,
+    control-variate tangent.
 
     Parameters
     ----------
@@ -99,8 +100,9 @@ class MeanFlow(MeanFlowSettings):
         multiplied by t - r and lands in the target). It costs the JVP's speed and memory savings
         of bf16, and needs float32 module parameters (autocast-style mixed precision, not a module
         stored in bf16).
-    omega, kappa, t_start, t_end, class_dropout: training-time guidance (METHOD.md section 4);
-        omega = 1 and kappa = 0 is no guidance. A dropped sample gets the null label and plain v.
+    omega, kappa, t_start, t_end, class_dropout: training-time guidance
+        (mfrecipes/METHOD.md, section 4); omega = 1 and kappa = 0 is no guidance. A dropped
+        sample gets the null label and plain v.
     class_dropout_rows: "r_eq_t" (default: labels drop only on r = t rows, at class_dropout of
         the whole batch, the official code's coupling) or "any" (every row may drop).
     v_noise, v_noise_scale: k of the v-target corruption (Kim et al. 2025, Fig. 3), added to the
@@ -236,14 +238,15 @@ class MeanFlow(MeanFlowSettings):
                 # h = t - r is formed from (t, r) with tangents (1, 0): its tangent is 1 (METHOD 2)
                 u_rows, dudt = jvp_forward(net, zj, tj, hj, _take(y, rows), tangent_j, ones,
                                            ones, impl=self.jvp_impl)  # u [len(rows)], du [K]
-                tgt_j = v_g_c - as_batch(hj[:n_jvp], dudt) * dudt  # MeanFlow identity (Eq. 4)
+                # MeanFlow target (Kim et al. 2025, Eq. 4)
+                tgt_j = v_g_c - as_batch(hj[:n_jvp], dudt) * dudt
             u_j = u_rows[:n_jvp]
             if fuse:
                 u_p = u_rows[n_jvp:]
             parts_u.append(u_j)
             parts_tgt.append(tgt_j.detach())
 
-        # -- r = t rows (selective path): plain forward, target v_g (Eq. 5)
+        # -- r = t rows (selective path): plain forward, target v_g (Kim et al. 2025, Eq. 5)
         if len(plain_idx):
             if not fuse:
                 u_p = net(z[plain_idx], t[plain_idx], h[plain_idx], _take(y, plain_idx))

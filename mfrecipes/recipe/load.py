@@ -1,6 +1,6 @@
 """Loading recipes: YAML files, ``base:`` inheritance, dotted command-line overrides.
 
-Merge rules (DESIGN.md section 3):
+Merge rules:
 - ``base:`` names one parent file, relative to the file that names it; parents may have parents.
 - Mappings merge key by key, the child winning; lists and scalars are replaced.
 - A component block (``{name, params}``) whose ``name`` changes is replaced, not merged: the old

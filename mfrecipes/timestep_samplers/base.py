@@ -1,7 +1,7 @@
 """The part every (t, r) sampler shares: the flow-matching ratio and the gap-range control.
 
 A sampler draws a raw pair ``t, r  # [B], r <= t`` (its own distribution), then this base applies
-the observation-study controls of METHOD.md section 5 (Kim et al., Sec. 4 and App. A):
+the observation-study controls of mfrecipes/METHOD.md, section 5 (Kim et al., Sec. 4 and App. A):
 
 - ``gap_range = [a, b]``: the raw gap ``dt = t - r`` in [0, 1] is rescaled linearly to
   ``gap = a + (b - a) * dt`` and ``r = t - gap`` (Kim et al. 2025, App. A). The gap must stay

@@ -31,9 +31,9 @@ Our reading, where neither the DTD paper nor Kim et al. 2025 say:
 - ``after``: the v branch's t law once every cluster is open. ``uniform`` (default) is DTD's own
   rule, t uniform over the union of all clusters, [0, 1]; ``base`` returns to the pair's
   logit-normal t law, the recipe's law without a curriculum.
-- Which samples: Eq. 9 draws t from ``p_acc`` for the whole expectation; we apply the curriculum
-  to the v branch (the ``r = t`` samples) by default, so the ``r != t`` samples keep the
-  logit-normal pair (two draws of ``LN(mu, sigma)``, t = max, r = min) and their law does not
+- Which samples: Kim et al. 2025, Eq. 9, draws t from ``p_acc`` for the whole expectation; we apply
+  the curriculum to the v branch (the ``r = t`` samples) by default, so the ``r != t`` samples keep
+  the logit-normal pair (two draws of ``LN(mu, sigma)``, t = max, r = min) and their law does not
   change over training. ``apply_to: all`` also draws the t of the ``r != t`` samples from the
   curriculum and keeps the pair's gap: ``r = max(t - (t_pair - r_pair), 0)``.
 

@@ -1,6 +1,6 @@
 """Logit-normal (t, r) sampler: the MeanFlow ImageNet sampler and the CIFAR-style variant.
 
-``LN(mu, sigma) = sigmoid(N(mu, sigma))`` (METHOD.md section 5).
+``LN(mu, sigma) = sigmoid(N(mu, sigma))`` (mfrecipes/METHOD.md, section 5).
 
 - ImageNet (default): two draws from ``LN(mu, sigma)``, ``t = max``, ``r = min``; mu = -0.4,
   sigma = 1.0, 75 % of the samples get ``r = t``.

@@ -1,8 +1,9 @@
 """Monte Carlo expectations under a timestep sampler, for constants fixed once at construction.
 
 The progressive gap schedule's ``lambda = 1 / E[1 - dt]`` (over the ``r != t`` samples) and the
-MinSNR normaliser ``E[alpha(t)]`` (over the ``r = t`` samples) are constants of the sampler (our
-reading, METHOD.md section 6): estimated once with a fixed seed, in chunks to bound memory.
+MinSNR normaliser ``E[alpha(t)]`` (over the ``r = t`` samples) are constants of the sampler
+(our reading, mfrecipes/METHOD.md, section 6): estimated once with a fixed seed, in chunks to
+bound memory.
 """
 from __future__ import annotations
 
