@@ -60,7 +60,7 @@ class PairSampler:
         """t for the samples that get ``r = t`` (``[n]``); by default the pair's own t."""
         return t
 
-    def _redraw_below(self, t: torch.Tensor, gap: torch.Tensor, *, progress, generator, device,
+    def redraw_t_below(self, t: torch.Tensor, gap: torch.Tensor, *, progress, generator, device,
                       per_round: int = 16, max_rounds: int = 256) -> torch.Tensor:
         """t where ``t >= gap``; elsewhere a fresh t from the pair's law, conditioned on
         ``t >= gap`` by rejection (``per_round`` candidates a row a round)."""
@@ -97,7 +97,7 @@ class PairSampler:
         if self.gap_range is not None:
             a, b = self.gap_range
             gap = a + (b - a) * (t - r)
-            t = self._redraw_below(t, gap, progress=progress, generator=generator, device=draw_on)
+            t = self.redraw_t_below(t, gap, progress=progress, generator=generator, device=draw_on)
             r = (t - gap).clamp_min(0.0)  # only float rounding: t >= gap on every row
         is_v = torch.rand(batch_size, generator=generator, device=draw_on) < self.fm_ratio
         t = torch.where(is_v, self._v_time(t, progress=progress, generator=generator), t)
