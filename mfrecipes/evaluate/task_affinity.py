@@ -7,9 +7,9 @@ below is our reading. For each gap range [a, b] and each of ``num_batches`` batc
 1. a data batch ``x [B, ...]`` (labels ``y``), noise ``e ~ N(0, I)``, and ``(t, r_raw)`` from the
    run's timestep sampler with ``fm_ratio = 0`` (every pair is an r != t pair);
 2. the gap is rescaled into the range as in training (mfrecipes/METHOD.md, section 5):
-   ``dt = a + (b - a) * (t - r_raw)``, ``r = t - dt``; where ``t < dt``, t is redrawn from the
-   sampler's t law conditioned on ``t >= dt`` (as the training sampler does), so every gap lies
-   in its range;
+   ``dt = a + (b - a) * (t - r_raw)``, ``r = max(t - dt, 0)``; t is kept. Unlike the training
+   sampler, which redraws t where ``t < dt``, r is clipped at 0 here, so in the wide-gap ranges
+   some pairs have a gap below their range;
 3. ``L_v = mean_i err_i(t_i, r = t_i)`` (flow matching, Kim et al. 2025, Eq. 5) and
    ``L_u = mean_i err_i(t_i, r_i)`` (MeanFlow, Kim et al. 2025, Eq. 4) with the run's objective on
    the same x, y, e and t; ``err`` is the objective's unweighted per-sample error (``weighted=True``
@@ -19,9 +19,8 @@ below is our reading. For each gap range [a, b] and each of ``num_batches`` batc
 
 The score of a range is the mean of ``cos`` over the batches, reported with its standard deviation
 (``ddof = 1``) and the batch count. Each range sees the same data, noise, t and raw gaps (one
-generator seeded with ``seed``), so ranges differ only by the gap (and by the t redrawn where
-the gap does not fit below it). The objective's own draws (class dropout) come from a generator
-seeded identically before L_v and L_u.
+generator seeded with ``seed``), so ranges differ only by the gap. Class dropout inside the
+objective draws from torch's global RNG, re-seeded identically before L_v and L_u.
 """
 from __future__ import annotations
 
@@ -87,9 +86,8 @@ def gradient_cosine(g1: torch.Tensor, g2: torch.Tensor) -> float:
 
 
 def _loss(objective, net, x, y, t, r, noise, *, weighting, seed: int) -> torch.Tensor:
-    # the same objective draws for L_v and L_u
-    out = objective(net, x, y, t, r, noise, progress=1.0, ema_net=net,
-                    generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)   # the same class dropout for L_v and L_u
+    out = objective(net, x, y, t, r, noise, progress=1.0, ema_net=net)
     err = out.err.float()                                                # [B]
     if weighting is not None:
         err = weighting.weights(err, t, r).detach() * err
@@ -118,13 +116,9 @@ def task_affinity(net: nn.Module, objective, batches, sampler, *,
         for x, y, t, r_raw, noise, s in draws:
             x, noise, t = x.to(device), noise.to(device), t.to(device)
             y = None if y is None else y.to(device)
-            # Rescaled into [a, b] and kept there as in training (mfrecipes/METHOD.md, section 5):
-            # where t < gap, t is redrawn from the sampler's t law conditioned on t >= gap.
+            # Rescaled into [a, b] (mfrecipes/METHOD.md, section 5); r clipped at 0, see above.
             gap = a + (b - a) * (t - r_raw.to(device))
-            t = sampler.redraw_t_below(t.cpu(), gap.cpu(), progress=1.0,
-                                       generator=torch.Generator().manual_seed(s),
-                                       device=torch.device("cpu")).to(device)
-            r = (t - gap).clamp_min(0.0)  # float rounding only
+            r = (t - gap).clamp_min(0.0)
             g_v = flat_grad(_loss(objective, net, x, y, t, t.clone(), noise,
                                   weighting=weighting, seed=s), params)
             g_u = flat_grad(_loss(objective, net, x, y, t, r, noise,
