@@ -2,6 +2,7 @@
 """One command that checks correctness and speed on one CUDA device, and writes what it found.
 
     python tools/gpu_check.py [--out gpu_check.json] [--parts numerics,speed,deepspeed,data]
+                              [--quick]
 
 Parts:
 
@@ -15,6 +16,17 @@ Parts:
 - ``speed``: ``tools/bench_step.py``'s step, bf16, 25 % r != t, no training-time guidance, for
   DiT-B/4 at batch 32 (the paper's 256 over 8 GPUs) and at the largest power of two that fits,
   and DiT-XL/2 at batch 32; torch.compile off, and on for DiT-B/4 at batch 32.
+- ``deepspeed``: the shipped DiT-B/4 recipe (``recipes/_base/dit_b4.yaml``: fp32, adaptive
+  weighting, the B/4 training-time CFG) for 20 steps at batch 32 on local shards, twice, as
+  ``mfr run`` subprocesses with the same seed: ``engine: single`` and ``engine: deepspeed`` with
+  ZeRO-2 in one process. Both log every step; per step the loss, the unweighted u and v errors
+  and the gradient norm must be finite and agree to a relative ``DS_TOL = 1e-4``. Why that
+  tolerance: both runs draw the same batches, (t, r) and noise and compute the same fp32
+  forward and backward; they differ only in how the update is applied (ZeRO's flat fp32
+  gradient buffer and partitioned AdamW against per-tensor AdamW), a few units of 2^-24 per
+  weight per step (on the CPU dry run: loss and errors bit-identical over 20 steps, gradient
+  norm 2e-7 apart). A wrong update is far larger: there, the DeepSpeed run at 1.1x the learning
+  rate ends 4e-3 apart in the u error and 1e-2 in the gradient norm.
 - ``data``: the shard reader's samples/s with workers, against the img/s of the DiT-B/4 step.
 
 Tolerance (numerics). For every compared quantity q (u, du, the target, the loss, the
@@ -27,8 +39,9 @@ products of length m = the hidden size; bf16 autocast accumulates in fp32, so th
 tolerance is ``SAFETY x kappa_q x u x sqrt(L m)`` with ``SAFETY = 4``: on the tiny CPU model
 the measured errors sit 4-20x below it, and a 2 % error in one tangent term fails it by orders.
 
-Without CUDA the script runs all of it on the CPU with tiny models (``dit_tiny_4``) and says so:
-CI exercises its whole logic that way (``tests/test_gpu_check.py``).
+Without CUDA the script runs all of it on the CPU with tiny models (``dit_tiny_4``; DeepSpeed on
+its CPU accelerator with gloo, one process) and says so: CI exercises its whole logic that way
+(``tests/test_gpu_check.py``; ``--quick`` there, the full dry run as a slow test).
 """
 from __future__ import annotations
 
@@ -48,7 +61,7 @@ import torch.nn.functional as F
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
-PARTS = ("numerics", "speed", "data")
+PARTS = ("numerics", "speed", "deepspeed", "data")
 SAFETY = 4.0
 UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "bf16": 2.0 ** -8}
 PAPER_BATCH = 32  # global batch 256 over 8 GPUs
@@ -240,11 +253,11 @@ def numerics_cases(device: torch.device, backbone: str, shape, classes: int,
 
 def run_numerics(device, cfg) -> dict:
     t0 = time.perf_counter()
-    problem = numerics_problem(cfg["numerics_backbone"], cfg["shape"], cfg["classes"])
+    problem = numerics_problem(cfg["numerics_backbone"], cfg["numerics_shape"], cfg["classes"])
     refd = reference(problem)
     rows = []
     for dtype, backend, jd, available in numerics_cases(device, cfg["numerics_backbone"],
-                                                        cfg["shape"], cfg["classes"],
+                                                        cfg["numerics_shape"], cfg["classes"],
                                                         cfg["head_dim"]):
         if not available:
             rows.append({"dtype": dtype, "backend": backend, "jvp_dtype": jd, "skipped":
@@ -310,8 +323,11 @@ def run_speed(cfg) -> dict:
     big = largest_batch(bench, b4, cfg)
     if cfg["device"] == "cuda":
         torch.cuda.empty_cache()  # what the probe's last (failed) batch left in the cache
-    plan = [(b4, cfg["paper_batch"], False), (b4, cfg["paper_batch"], True), (b4, big, False),
-            (xl, cfg["paper_batch"], False)]
+    plan = [(b4, cfg["paper_batch"], False), (b4, cfg["paper_batch"], True)]
+    if cfg["speed_big"]:
+        plan.append((b4, big, False))
+    if cfg["speed_xl"]:
+        plan.append((xl, cfg["paper_batch"], False))
     for backbone, batch, comp in plan:
         variants = ["flow_matching", "meanflow_manual"] if comp else None
         with _compile_backend(cfg["compile_backend"]):
@@ -338,6 +354,140 @@ def _compile_backend(backend: str):
         torch.compile = saved
 
 
+# -- deepspeed ----------------------------------------------------------------------------------
+
+# Compared per step (logged every step): the weighted loss is nearly flat under adaptive weighting
+# (err / (err + c) ~ 1), so the unweighted errors and the gradient norm carry the comparison.
+DS_KEYS = ("loss", "obj/u_err", "obj/v_loss", "grad_norm")
+DS_TOL = 1e-4
+
+
+def _mfr_env(cfg: dict) -> dict:
+    """The environment of a one-process run: the launcher's variables cleared (a plain ``mfr
+    run`` with ``engine: deepspeed`` becomes a group of one), DeepSpeed's CPU accelerator off
+    CUDA, the worktree first on the path."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(
+                   os.pathsep))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT"):
+        env.pop(k, None)
+    if cfg["device"] != "cuda":
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    return env
+
+
+def ds_overrides(cfg: dict, urls: str) -> list[str]:
+    """The shipped DiT-B/4 recipe (fp32, adaptive weighting, B/4 training-time CFG), cut to
+    ``ds_steps`` steps on local shards, logged every step, no evaluation."""
+    b = cfg["ds_batch"]
+    out = [f"data.params.urls={urls}", f"train.global_batch_size={b}",
+           f"train.total_images={b * cfg['ds_steps']}", f"train.log_every_images={b}",
+           "train.checkpoint_every_images=null", "train.progress_bar=false",
+           "eval.every_images=null", "eval.at_end=false", f"run.device={cfg['device']}"]
+    if cfg["ds_backbone"] != "dit_b_4":
+        out.append(f"backbone.name={cfg['ds_backbone']}")
+    return out
+
+
+def read_metrics(path: str) -> dict[int, dict]:
+    """step -> the record of that step (records without a step, e.g. sampler notes, dropped)."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec and "step" in rec:
+                out[int(rec["step"])] = rec
+    return out
+
+
+def compare_runs(single: dict[int, dict], ds: dict[int, dict], steps: int,
+                 tol: float = DS_TOL) -> dict:
+    """Per step and key, ``|ds - single| / max(|single|, 1e-12)``; ok when every step logged in
+    both, everything finite, every difference <= tol."""
+    worst = {k: 0.0 for k in DS_KEYS}
+    problems = []
+    for step in range(1, steps + 1):
+        a, b = single.get(step), ds.get(step)
+        if a is None or b is None:
+            problems.append(f"step {step} missing from the {'single' if a is None else 'deepspeed'}"
+                            " run's metrics")
+            continue
+        for k in DS_KEYS:
+            x, y = a.get(k), b.get(k)
+            if not (isinstance(x, (int, float)) and isinstance(y, (int, float))
+                    and math.isfinite(x) and math.isfinite(y)):
+                problems.append(f"step {step} {k}: single {x}, deepspeed {y} (not finite)")
+                worst[k] = math.inf
+                continue
+            worst[k] = max(worst[k], abs(y - x) / max(abs(x), 1e-12))
+    for k, w in worst.items():
+        if w > tol and math.isfinite(w):
+            problems.append(f"{k}: max relative difference {w:.2e} > {tol:.0e}")
+    return {"max_rel_diff": worst, "tolerance": tol, "problems": problems, "ok": not problems}
+
+
+def run_deepspeed(cfg: dict, ds_extra: tuple[str, ...] = ()) -> dict:
+    """The same recipe and seed twice as ``mfr run`` subprocesses, ``engine: single`` and
+    ``engine: deepspeed`` with ZeRO-2 in one process, compared step by step. ``ds_extra``:
+    overrides for the DeepSpeed run only (a test uses it to show that a difference is caught)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    data = _tool("bench_data")
+    t0 = time.perf_counter()
+    folder = tempfile.mkdtemp(prefix="mfr-gpu-check-ds-")
+    try:
+        n = cfg["ds_batch"] * cfg["ds_steps"]
+        paths = data.write_set(os.path.join(folder, "shards"), n, 2)
+        urls = os.path.join(folder, "shards", f"shard-{{000000..{len(paths) - 1:06d}}}.tar")
+        recipe = os.path.join(REPO, "recipes", "_base", "dit_b4.yaml")
+        common = ds_overrides(cfg, urls)
+        runs = {"single": ["engine=single"],
+                "deepspeed": ["engine=deepspeed", "deepspeed.zero_stage=2", *ds_extra]}
+        procs, codes = {}, {}
+        try:
+            for name, extra in runs.items():  # both at once: one start-up's wall time
+                with open(os.path.join(folder, f"{name}.log"), "wb") as log:
+                    procs[name] = subprocess.Popen(
+                        [sys.executable, "-m", "mfrecipes.cli", "run", recipe, *common, *extra,
+                         "--out", os.path.join(folder, name)], cwd=REPO, env=_mfr_env(cfg),
+                        stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + cfg["ds_timeout_s"]
+            for name, p in procs.items():
+                try:
+                    codes[name] = p.wait(timeout=max(deadline - time.monotonic(), 1))
+                except subprocess.TimeoutExpired:
+                    codes[name] = f"timed out after {cfg['ds_timeout_s']} s"
+        finally:
+            for p in procs.values():  # never leave a run behind
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        res: dict[str, Any] = {"backbone": cfg["ds_backbone"], "batch": cfg["ds_batch"],
+                               "steps": cfg["ds_steps"], "zero_stage": 2,
+                               "ds_extra": list(ds_extra)}
+        failed = [name for name, c in codes.items() if c != 0]
+        if failed:
+            tails = {}
+            for name in failed:
+                with open(os.path.join(folder, f"{name}.log"), errors="replace") as f:
+                    tails[name] = f.read()[-1500:]
+            res.update(ok=False, error="; ".join(f"{name} run: exit {codes[name]}"
+                                                   for name in failed), log_tails=tails)
+        else:
+            m = {name: read_metrics(os.path.join(folder, name, "metrics.jsonl")) for name in runs}
+            res.update(compare_runs(m["single"], m["deepspeed"], cfg["ds_steps"]))
+            res["losses"] = {name: [m[name][s]["loss"] for s in sorted(m[name])] for name in m}
+            res["u_err"] = {name: [m[name][s].get("obj/u_err") for s in sorted(m[name])]
+                            for name in m}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
 # -- data ---------------------------------------------------------------------------------------
 
 def run_data(cfg, step_img_per_s: Optional[float]) -> dict:
@@ -362,13 +512,16 @@ def run_data(cfg, step_img_per_s: Optional[float]) -> dict:
 
 # -- report -------------------------------------------------------------------------------------
 
-def config(device: torch.device) -> dict:
+def config(device: torch.device, quick: bool = False) -> dict:
+    """What each part runs on this device; ``quick``: every part's logic once, on fewer and
+    smaller cases (a smoke run, not the check)."""
     cuda = device.type == "cuda"
-    return {
+    cfg = {
         "device": device.type, "dry_run": not cuda,
         "numerics_backbone": "dit_b_4" if cuda else "dit_tiny_4",
         "speed_backbones": ("dit_b_4", "dit_xl_2") if cuda else ("dit_tiny_4", "dit_tiny_2"),
         "shape": (4, 32, 32) if cuda else (4, 16, 16), "classes": 1000 if cuda else 10,
+        "numerics_shape": (4, 32, 32) if cuda else (4, 16, 16),
         "head_dim": 64 if cuda else 32,
         "dtype": "bf16" if cuda else "fp32", "repeats": 10 if cuda else 2,
         "warmup": 3 if cuda else 1, "paper_batch": PAPER_BATCH if cuda else 4,
@@ -377,7 +530,16 @@ def config(device: torch.device) -> dict:
         "workers": min(8, os.cpu_count() or 1) if cuda else 2,
         "data_samples": 4096 if cuda else 512, "data_shards": 16 if cuda else 4,
         "data_batch": 256 if cuda else 64,
+        "speed_big": True, "speed_xl": True,
+        "ds_backbone": "dit_b_4" if cuda else "dit_tiny_4", "ds_batch": PAPER_BATCH if cuda else 8,
+        "ds_steps": 20, "ds_timeout_s": 300, "quick": quick,
     }
+    if quick:
+        # the largest-batch probe still doubles once; its configuration is not timed
+        cfg.update(repeats=1, warmup=1, max_batch=2 * cfg["paper_batch"], speed_big=False,
+                   speed_xl=False, numerics_shape=(4, 8, 8),
+                   data_samples=128, data_shards=2, data_batch=32, ds_steps=3)
+    return cfg
 
 
 def rows_of(res: dict) -> list[tuple[str, str, str, str, str]]:
@@ -415,6 +577,18 @@ def rows_of(res: dict) -> list[tuple[str, str, str, str, str]]:
                 rows.append(("speed", f"{tag} {name}", value, "", ""))
             for check, value, target, met in targets(c):
                 rows.append(("speed", f"{tag} {check}", value, target, met))
+    ds = res.get("deepspeed")
+    if ds:
+        name = f"{ds['backbone']} b{ds['batch']}, {ds['steps']} steps, ZeRO-2 vs single"
+        if "error" in ds:
+            rows.append(("deepspeed", name, ds["error"][:60], "-", "FAIL"))
+        else:
+            for k, w in ds["max_rel_diff"].items():
+                rows.append(("deepspeed", f"{name}: {k}", f"{w:.1e}",
+                             f"<= {ds['tolerance']:.0e} rel.", "ok" if w <= ds["tolerance"]
+                             else "FAIL"))
+            if not ds["ok"] and all(w <= ds["tolerance"] for w in ds["max_rel_diff"].values()):
+                rows.append(("deepspeed", name, ds["problems"][0][:60], "-", "FAIL"))
     dd = res.get("data")
     if dd:
         rows.append(("data", f"shard reader, {dd['workers']} workers",
@@ -461,13 +635,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="gpu_check.json", help="JSON file to write")
     p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {', '.join(PARTS)}")
+    p.add_argument("--quick", action="store_true",
+                   help="every part's logic once on fewer, smaller cases (a smoke run: fewer "
+                        "speed configurations, a 3-step DeepSpeed comparison)")
     args = p.parse_args(argv)
     parts = [x for x in args.parts.split(",") if x]
     if not parts or any(x not in PARTS for x in parts):
         p.error(f"--parts must be a comma-separated subset of {', '.join(PARTS)}")
     t0 = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = config(device)
+    cfg = config(device, quick=args.quick)
     res: dict[str, Any] = {
         "device": device.type, "dry_run": cfg["dry_run"], "torch": torch.__version__,
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -492,6 +669,9 @@ def main(argv=None) -> int:
         step_rate = max(c["variants"]["meanflow_manual"].get("img_per_s", 0)
                         for c in res["speed"]["configs"]
                         if c["backbone"] == cfg["speed_backbones"][0])
+        save()
+    if "deepspeed" in parts:
+        res["deepspeed"] = run_deepspeed(cfg)
         save()
     if "data" in parts:
         res["data"] = run_data(cfg, step_rate)
