@@ -42,8 +42,9 @@ META = "meta.json"
 LATEST = "latest"
 DAMAGED = "damaged-"
 # Keys a train state must hold, and their types (a damaged or foreign file fails here).
-_STATE_KEYS = {"images": int, "step": int, "nonfinite": int, "generator": torch.Tensor,
-               "engine": dict}
+# The random streams are "streams" (one generator per purpose); older checkpoints hold one
+# "generator" tensor instead.
+_STATE_KEYS = {"images": int, "step": int, "nonfinite": int, "engine": dict}
 
 
 def file_digest(path: str) -> dict[str, Any]:
@@ -350,6 +351,12 @@ def load_train_state(ckpt: str) -> dict[str, Any]:
         if not isinstance(state.get(key), kind):
             raise CheckpointError(f"damaged checkpoint file {path}: {key!r} is missing or not "
                                   f"a {kind.__name__}")
+    streams = state.get("streams")
+    if not (isinstance(streams, dict) and all(isinstance(v, torch.Tensor)
+                                              for v in streams.values())
+            or isinstance(state.get("generator"), torch.Tensor)):
+        raise CheckpointError(f"damaged checkpoint file {path}: no random stream state "
+                              f"('streams' of tensors, or an older 'generator' tensor)")
     ranks = state.get("ranks")
     if ranks is not None and not (isinstance(ranks, list) and all(
             isinstance(r, dict) and isinstance(r.get("data_position"), int)
