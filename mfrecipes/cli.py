@@ -206,7 +206,7 @@ def _comparable(data: dict) -> dict:
     from mfrecipes.recipe.build import with_component_defaults
 
     d = with_component_defaults(data)  # a recorded default equals an omitted one
-    for key in ("total_images", "log_every_images", "progress_bar"):
+    for key in ("total_images", "log_every_images", "progress_bar", "loggers"):
         d.get("train", {}).pop(key, None)
     return d
 
