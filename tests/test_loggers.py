@@ -7,6 +7,7 @@ import glob
 import importlib.util
 import json
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -117,6 +118,8 @@ def _wandb_history(path: str) -> list[dict]:
             pos += block - pos % block
             continue
         _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + n > len(data):          # a chunk still being written
+            break
         chunk += data[pos + 7:pos + 7 + n]
         pos += 7 + n
         if kind in (1, 4):
@@ -134,12 +137,19 @@ def test_wandb_offline_run_holds_the_logged_figures(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wb" / var.lower()))  # nothing outside tmp_path
     records = _run(tmp_path, "[jsonl, {name: wandb, params: {project: toy}}]")
     (run_file,) = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "*.wandb"))
     run_id = (tmp_path / "run" / "wandb_run_id").read_text().strip()
     assert run_file.endswith(f"run-{run_id}.wandb")
-    rows = [r for r in _wandb_history(run_file) if "obj/v_loss" in r]
     train = _training_records(records)
+    deadline = time.time() + 30
+    while True:  # wandb's service process may still be writing the file when finish() returns
+        rows = [r for r in _wandb_history(run_file) if "obj/v_loss" in r]
+        if len(rows) >= len(train) or time.time() > deadline:
+            break
+        time.sleep(0.5)
     assert [r["images"] for r in rows] == [r["images"] for r in train]
     for key in ("obj/v_loss", "obj/u_err", "loss", "grad_norm"):
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in train], rel=1e-9)

@@ -139,9 +139,9 @@ class TensorBoardLogger(MetricLogger):
 
 @LOGGERS.register("wandb")
 class WandbLogger(MetricLogger):
-    """Weights & Biases (``pip install 'mfrecipes[wandb]'``); WANDB_MODE=offline works offline.
+    """Weights & Biases, the optional ``wandb`` extra; WANDB_MODE=offline needs no network.
 
-    Files go to RUN_DIR/wandb unless WANDB_DIR says otherwise. The wandb run id is kept in
+    Install it with ``pip install 'mfrecipes[wandb]'``. Files go to RUN_DIR/wandb unless WANDB_DIR says otherwise. The wandb run id is kept in
     RUN_DIR/wandb_run_id, so a resumed run continues the same wandb run. Charts use ``images``
     as their x axis (wandb's own step only counts calls).
     """
