@@ -185,3 +185,20 @@ def test_a_missing_optional_package_names_its_extra(monkeypatch):
         logger_blocks(("jsonl", "tensorboard"))
     assert "mfrecipes[tensorboard]" in str(info.value)
     assert [b["name"] for _, b in logger_blocks(None)] == ["jsonl"]  # as before: jsonl only
+
+
+def test_wandb_reopened_in_a_run_directory_keeps_its_run_id(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from mfrecipes.train.log import WandbLogger
+
+    for var, sub in (("WANDB_MODE", None), ("WANDB_DIR", "wb"), ("WANDB_CACHE_DIR", "c"),
+                     ("WANDB_CONFIG_DIR", "cf"), ("WANDB_DATA_DIR", "d")):
+        monkeypatch.setenv(var, "offline" if sub is None else str(tmp_path / sub))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for images in (64, 128):  # a run, then its resumption
+        w = WandbLogger(run_dir=str(tmp_path))
+        w.log({"images": images, "step": 1, "time": 0.0, "loss": 1.0})
+        w.close()
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    files = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "*.wandb"))
+    assert len(files) == 2 and all(f.endswith(f"run-{run_id}.wandb") for f in files)
