@@ -38,6 +38,7 @@ __all__ = [
     "LOSS_WEIGHTINGS",
     "GAP_SCHEDULES",
     "DATASETS",
+    "LOGGERS",
     "ALL_REGISTRIES",
     "ensure_builtins",
 ]
@@ -227,6 +228,7 @@ TIMESTEP_SAMPLERS = Registry("timestep_sampler", runtime_args=("device",))
 LOSS_WEIGHTINGS = Registry("loss_weighting", runtime_args=("timestep_sampler",))
 GAP_SCHEDULES = Registry("gap_schedule", runtime_args=("timestep_sampler",))
 DATASETS = Registry("dataset", runtime_args=("seed", "rank", "world_size", "cache_dir"))
+LOGGERS = Registry("logger", runtime_args=("run_dir",))
 
 ALL_REGISTRIES: dict[str, Registry] = {
     "backbone": BACKBONES,
@@ -235,6 +237,7 @@ ALL_REGISTRIES: dict[str, Registry] = {
     "loss_weighting": LOSS_WEIGHTINGS,
     "gap_schedule": GAP_SCHEDULES,
     "dataset": DATASETS,
+    "logger": LOGGERS,
 }
 
 _BUILTIN_PACKAGES = (
@@ -244,6 +247,7 @@ _BUILTIN_PACKAGES = (
     "mfrecipes.loss_weightings",
     "mfrecipes.gap_schedules",
     "mfrecipes.data",
+    "mfrecipes.train.log",
 )
 _builtins_state = {"loaded": False, "loading": False}
 

@@ -67,6 +67,9 @@ def _check_single(recipe: Recipe) -> dict[str, Any]:
     for section in COMPONENT_SECTIONS:
         block = getattr(recipe, section).as_dict()
         registry_for(section).check_params(block, where=section)
+    from mfrecipes.train.log import logger_blocks
+
+    logger_blocks(recipe.train.loggers)  # names, params, installed packages
     ds_entry = registry.DATASETS.entry(recipe.data.name, where="data.name")
     _check_attrs_params(ds_entry.obj, recipe.data.params, "data.params")
     info = _static_data_info(ds_entry.obj, recipe.data.params)

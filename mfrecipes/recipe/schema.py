@@ -147,6 +147,9 @@ class TrainCfg:
     # A non-finite loss (or gradient) is never stepped on; the run stops after this many.
     max_nonfinite: int = attrs.field(default=10, validator=_non_negative)
     progress_bar: bool = True
+    # Metric backends (the LOGGERS registry): names or {name, params} blocks; must include
+    # jsonl. None = jsonl, plus tensorboard when it is installed. Checked by `mfr check`.
+    loggers: Optional[tuple[Union[str, "ComponentCfg"], ...]] = None
 
     def lr_at(self, images: int) -> float:
         """train.lr times the schedule's factor for the step that ends at ``images``."""

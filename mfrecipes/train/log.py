@@ -1,11 +1,18 @@
-"""Run logging: metrics.jsonl (the record), a rich progress bar and console lines, TensorBoard."""
+"""Run logging: the console and progress bar, and the metric backends a recipe names in
+``train.loggers`` (registered in ``LOGGERS``): ``jsonl`` (metrics.jsonl, the run's record),
+``tensorboard``, ``wandb`` (optional extra) or a plugin's own."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import time
-from typing import Any
+import uuid
+from typing import Any, Sequence
+
+from mfrecipes.errors import RecipeError
+from mfrecipes.registry import LOGGERS
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -53,24 +60,182 @@ def read_jsonl(path: str) -> list[dict]:
     return out
 
 
+# -- metric backends -----------------------------------------------------------------------------
+
+class MetricLogger:
+    """A metric backend: receives every record of the run, the sample grids, then ``close()``.
+
+    A record is a flat JSON-ready mapping with ``images`` (the x axis), ``step`` and ``time``
+    (wall clock, seconds since the epoch); non-finite numbers arrive as the strings "nan"/"inf".
+    A backend is built with only the runtime arguments it names (``run_dir``).
+    """
+
+    def log(self, record: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def log_image(self, tag: str, image, step: int) -> None:
+        """An ``[H, W, 3]`` uint8 array (a labelled sample grid) at ``step`` images."""
+
+    def close(self) -> None:
+        pass
+
+    @classmethod
+    def missing(cls) -> str | None:
+        """Why this backend cannot run here (a missing package), or None; ``mfr check`` asks."""
+        return None
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The plottable figures of a record (the axes and strings such as a stage name left out)."""
+    return {k: v for k, v in record.items() if k not in ("images", "step", "time")
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@LOGGERS.register("jsonl")
+class JsonlLogger(MetricLogger):
+    """metrics.jsonl in the run directory: one JSON line per record (resume and tools read it)."""
+
+    def __init__(self, *, run_dir: str):
+        self.path = os.path.join(run_dir, METRICS)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()  # a crash keeps every record written so far
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@LOGGERS.register("tensorboard")
+class TensorBoardLogger(MetricLogger):
+    """TensorBoard event files in RUN_DIR/tensorboard (scalars against images seen, grids)."""
+
+    def __init__(self, *, run_dir: str):
+        if self.missing():
+            raise RecipeError(self.missing(), path="train.loggers")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    @classmethod
+    def missing(cls) -> str | None:
+        if importlib.util.find_spec("tensorboard") is None:
+            return ("logger 'tensorboard' needs the tensorboard package: pip install "
+                    "'mfrecipes[tensorboard]' (or drop it from train.loggers)")
+        return None
+
+    def log(self, record: dict[str, Any]) -> None:
+        step = int(record.get("images", 0))
+        for k, v in _scalars(record).items():
+            self._tb.add_scalar(k, v, step)
+
+    def log_image(self, tag: str, image, step: int) -> None:
+        self._tb.add_image(tag, image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        self._tb.close()
+
+
+@LOGGERS.register("wandb")
+class WandbLogger(MetricLogger):
+    """Weights & Biases, the optional ``wandb`` extra; WANDB_MODE=offline needs no network.
+
+    Install it with ``pip install 'mfrecipes[wandb]'``. Files go to RUN_DIR/wandb unless WANDB_DIR says otherwise. The wandb run id is kept in
+    RUN_DIR/wandb_run_id, so a resumed run continues the same wandb run. Charts use ``images``
+    as their x axis (wandb's own step only counts calls).
+    """
+
+    def __init__(self, project: str | None = None, entity: str | None = None,
+                 name: str | None = None, tags: Sequence[str] = (), *, run_dir: str):
+        if self.missing():
+            raise RecipeError(self.missing(), path="train.loggers")
+        import wandb
+
+        self._wandb = wandb
+        id_path = os.path.join(run_dir, "wandb_run_id")
+        if os.path.isfile(id_path):
+            with open(id_path, encoding="utf-8") as f:
+                run_id = f.read().strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]  # wandb ids: lower-case letters and digits
+            with open(id_path, "w", encoding="utf-8") as f:
+                f.write(run_id + "\n")
+        wandb_dir = os.environ.get("WANDB_DIR") or os.path.join(run_dir, "wandb")
+        os.makedirs(wandb_dir, exist_ok=True)
+        self._run = wandb.init(project=project, entity=entity,
+                               name=name or os.path.basename(os.path.abspath(run_dir)),
+                               tags=list(tags) or None, dir=wandb_dir, id=run_id,
+                               resume="allow")
+        self._run.define_metric("images")
+        self._run.define_metric("*", step_metric="images")
+
+    @classmethod
+    def missing(cls) -> str | None:
+        if importlib.util.find_spec("wandb") is None:
+            return ("logger 'wandb' needs the wandb package, an optional extra: pip install "
+                    "'mfrecipes[wandb]'")
+        return None
+
+    def log(self, record: dict[str, Any]) -> None:
+        figures = _scalars(record)
+        if figures:
+            self._run.log({"images": int(record.get("images", 0)), **figures})
+
+    def log_image(self, tag: str, image, step: int) -> None:
+        self._run.log({"images": int(step), tag: self._wandb.Image(image)})
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+def default_loggers() -> tuple[str, ...]:
+    """What a recipe without ``train.loggers`` gets: jsonl, and tensorboard when installed."""
+    return ("jsonl",) if TensorBoardLogger.missing() else ("jsonl", "tensorboard")
+
+
+def logger_blocks(loggers: Sequence[Any] | None,
+                  where: str = "train.loggers") -> list[tuple[str, dict]]:
+    """``train.loggers`` as ``(dotted path, {name, params})`` pairs, checked against LOGGERS:
+    known names, valid params, installed packages, and ``jsonl`` present (it is the record)."""
+    if loggers is None:
+        loggers = default_loggers()
+    blocks, seen = [], set()
+    for i, item in enumerate(loggers):
+        path = f"{where}[{i}]"
+        block = {"name": item, "params": {}} if isinstance(item, str) else item.as_dict()
+        LOGGERS.check_params(block, where=path)
+        if block["name"] in seen:
+            raise RecipeError(f"logger {block['name']!r} is listed twice", path=path)
+        seen.add(block["name"])
+        why = getattr(LOGGERS.get(block["name"]), "missing", lambda: None)()
+        if why:
+            raise RecipeError(why, path=path)
+        blocks.append((path, block))
+    if "jsonl" not in seen:
+        raise RecipeError("train.loggers must include 'jsonl': metrics.jsonl is the run's record "
+                          "(resume, mfr eval and the comparison tools read it)\n  available: "
+                          + ", ".join(LOGGERS.names()), path=where)
+    return blocks
+
 
 class RunLogger:
-    """Writes records to metrics.jsonl (and TensorBoard if installed) and shows progress."""
+    """Sends records to the run's metric backends (``train.loggers``) and shows progress."""
 
     def __init__(self, run_dir: str, total_images: int, start_images: int, *,
-                 enabled: bool = True, progress_bar: bool = True):
+                 enabled: bool = True, progress_bar: bool = True,
+                 loggers: Sequence[Any] | None = None):
         self.enabled = enabled
         self.console = Console(stderr=True)
         self.path = os.path.join(run_dir, METRICS)
-        self._file = open(self.path, "a", encoding="utf-8") if enabled else None
-        self._tb = None
+        self.backends: list[MetricLogger] = []
         if enabled:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-            except Exception:  # noqa: BLE001 - TensorBoard is optional
-                self._tb = None
+                for path, block in logger_blocks(loggers):
+                    self.backends.append(LOGGERS.build(block, where=path, run_dir=run_dir))
+            except BaseException:
+                self.close()  # the backends already opened keep what they wrote
+                raise
         self._progress = None
         if enabled and progress_bar and self.console.is_terminal:
             self._progress = Progress(
@@ -95,14 +260,8 @@ class RunLogger:
             return
         record = {k: _clean(v) for k, v in record.items()}
         record.setdefault("time", round(time.time(), 3))  # wall clock, seconds since the epoch
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            step = int(record.get("images", 0))
-            for k, v in record.items():
-                if k not in ("images", "step", "time") and isinstance(v, (int, float)) \
-                        and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, step)
+        for backend in self.backends:
+            backend.log(record)
         if echo:
             # v_loss and u_err move; the adaptive-weighted loss sits near 1 for a whole run.
             shown = "  ".join(f"{_SHORT.get(k, k)}={_fmt(v)}" for k, v in record.items()
@@ -112,9 +271,10 @@ class RunLogger:
             self.console.print(shown, highlight=False)
 
     def image(self, tag: str, image, images: int) -> None:
-        """An ``[H, W, 3]`` uint8 picture (a labelled sample grid) into TensorBoard."""
-        if self.enabled and self._tb is not None:
-            self._tb.add_image(tag, image, images, dataformats="HWC")
+        """An ``[H, W, 3]`` uint8 picture (a labelled sample grid) to every backend."""
+        if self.enabled:
+            for backend in self.backends:
+                backend.log_image(tag, image, images)
 
     def advance(self, images: int, status: str = "") -> None:
         if self._progress is not None:
@@ -125,12 +285,17 @@ class RunLogger:
             self.console.print(text, highlight=False)
 
     def close(self) -> None:
-        if self._progress is not None:
+        if getattr(self, "_progress", None) is not None:
             self._progress.stop()
-        if self._file is not None:
-            self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        backends, self.backends = self.backends, []
+        failure = None
+        for backend in backends:  # one failing backend does not keep the others open
+            try:
+                backend.close()
+            except Exception as err:  # noqa: BLE001 - re-raised below
+                failure = failure or err
+        if failure is not None:
+            raise failure
 
 
 _SHOWN = ("images", "obj/v_loss", "obj/u_err", "loss", "grad_norm", "img_per_s")

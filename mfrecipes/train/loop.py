@@ -400,7 +400,7 @@ class Trainer:
         if not resumed and self.recipe.init_from is not None:
             init_note = self.init_weights()
         logger = RunLogger(self.run_dir, cfg.total_images, self.images, enabled=is_main,
-                           progress_bar=cfg.progress_bar)
+                           progress_bar=cfg.progress_bar, loggers=cfg.loggers)
         if init_note:
             logger.info(f"initialised from {init_note}")
         if resumed:

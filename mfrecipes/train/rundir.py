@@ -28,10 +28,11 @@ LOCK = ".lock"
 # The image budget and the cadences of logging, checkpoints and evaluation do not touch the
 # training math (evaluation never draws from the training generators); the engine, ZeRO stage,
 # micro batch, compilation and device change how a step is computed, not what it computes (the
-# global batch is fixed); max_nonfinite is the safety net's tolerance; credentials may rotate.
+# global batch is fixed); max_nonfinite is the safety net's tolerance; logger backends only
+# observe; credentials may rotate.
 MAY_CHANGE = frozenset({
     "train.total_images", "train.log_every_images", "train.checkpoint_every_images",
-    "train.keep_checkpoints", "train.progress_bar", "train.max_nonfinite",
+    "train.keep_checkpoints", "train.progress_bar", "train.max_nonfinite", "train.loggers",
     "train.micro_batch_size", "train.compile", "train.compile_mode",
     "eval.every_images", "eval.at_end", "engine", "deepspeed.zero_stage",
     "run.device", "run.out_dir", "run.cache_dir"})
