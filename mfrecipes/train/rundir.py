@@ -58,9 +58,17 @@ def _redact_arg(arg: str) -> str:
     key, eq, raw = arg.partition("=")
     if not eq or key.startswith("-") or not key:
         return scrub(arg)
+    from mfrecipes.errors import RecipeError
+    from mfrecipes.recipe.load import MAX_DEPTH, check_size, safe_yaml
+
     parts = key.strip().split(".")
+    if len(parts) > MAX_DEPTH:  # refused by the loader; never walk it here
+        return f"{scrub(key[:200])}...={REDACTED}"
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_yaml(raw, "override value") if raw.strip() else None
+        check_size(value, "override value")
+    except RecipeError:  # too deep or too large to inspect safely: hide the whole value
+        return f"{scrub(key)}={REDACTED}"
     except yaml.YAMLError:
         value = raw
     nested: Any = value
