@@ -315,3 +315,17 @@ def test_readme_row_carries_the_papers_numbers(rel):
         rows = [line for line in f if line.startswith("|") and f"`{rel}`" in line]
     assert rows, f"recipes/README.md has no table row for {rel}"
     assert any(PAPER_FID[rel] in r and "not in our sources" not in r for r in rows), rows
+
+
+def test_no_recipe_text_claims_a_figure_is_missing_from_the_sources():
+    """The papers' full texts are available: a recipe or its README names the figure the paper
+    prints, or says that no paper published one, never "not in our sources"."""
+    hits = []
+    for root, _, files in os.walk(RECIPES_DIR):
+        for name in files:
+            if name.endswith((".yaml", ".md")):
+                with open(os.path.join(root, name), encoding="utf-8") as f:
+                    if "not in our sources" in f.read():
+                        hits.append(os.path.relpath(os.path.join(root, name), RECIPES_DIR))
+    assert not hits, hits
+
