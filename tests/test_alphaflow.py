@@ -10,8 +10,8 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
+from shared_parts import TimeNet
 from mfrecipes.loss_weightings.adaptive import AdaptiveWeighting
 from mfrecipes.loss_weightings.constant import ConstantWeighting
 from mfrecipes.loss_weightings.min_snr import MinSNRWeighting
@@ -26,18 +26,6 @@ DT = torch.float64
 ALPHA = 0.3
 
 
-class Net(nn.Module):
-    """net(z, t, h, y): nonlinear in z, t and h; unconditional."""
-
-    def __init__(self, dim: int = 3, hidden: int = 12):
-        super().__init__()
-        self.inp = nn.Linear(dim, hidden)
-        self.time = nn.Linear(3, hidden)
-        self.out = nn.Linear(hidden, dim)
-
-    def forward(self, z, t, h, y=None):
-        a = torch.tanh(self.inp(z) + self.time(torch.stack([t, h, t * h], dim=1)))
-        return self.out(a) * (1 + h[:, None])
 
 
 def batch(b=12, n_equal=4, dim=3, seed=0):
@@ -77,7 +65,7 @@ def rel(a, b):
 
 def test_alpha_weight_matches_explicit_formula_and_old_fold_does_not():
     torch.manual_seed(0)
-    net = Net().to(DT)
+    net = TimeNet().to(DT)
     x, t, r, noise = batch()
     c = 0.01
     out = AlphaFlow(alpha=ALPHA, target_clamp=None)(net, x, None, t, r, noise, progress=0.0)
@@ -108,7 +96,7 @@ def test_alpha_weight_matches_explicit_formula_and_old_fold_does_not():
     AdaptiveWeighting(p=0.75, c=1e-3), ConstantWeighting(scale=2.0), MinSNRWeighting(normalize=False),
 ])
 def test_alpha_factor_survives_every_loss_weighting(weighting):
-    net = Net().to(DT)
+    net = TimeNet().to(DT)
     x, t, r, noise = batch(seed=3)
     out = AlphaFlow(alpha=ALPHA, target_clamp=None)(net, x, None, t, r, noise, progress=0.0)
     loss = loop_loss(out, weighting, t, r)
@@ -120,7 +108,7 @@ def test_alpha_factor_survives_every_loss_weighting(weighting):
 
 
 def test_loss_scale_is_one_where_no_alpha_applies():
-    net = Net().to(DT)
+    net = TimeNet().to(DT)
     x, t, r, noise = batch()
     ones = torch.ones_like(t)
     mf = MeanFlow()(net, x, None, t, r, noise, progress=0.0)

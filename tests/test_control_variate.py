@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
+from shared_parts import TimeNet
 from mfrecipes.errors import RecipeError
 from mfrecipes.objectives.control_variate import ControlVariate
 from mfrecipes.objectives.meanflow import MeanFlow
@@ -64,16 +64,6 @@ def test_warm_up_and_a_schedule_that_never_moves_beta():
 
 # ---------------------------------------------------------------------------------------------
 # the objective uses the scheduled value
-class Net(nn.Module):
-    def __init__(self, dim: int = 3, hidden: int = 12):
-        super().__init__()
-        self.inp = nn.Linear(dim, hidden)
-        self.time = nn.Linear(3, hidden)
-        self.out = nn.Linear(hidden, dim)
-
-    def forward(self, z, t, h, y=None):
-        a = torch.tanh(self.inp(z) + self.time(torch.stack([t, h, t * h], dim=1)))
-        return self.out(a) * (1 + h[:, None])
 
 
 def batch(b=10, seed=0):
@@ -89,7 +79,7 @@ def batch(b=10, seed=0):
 @pytest.mark.parametrize("progress", [0.1, 0.45, 0.8])
 def test_scheduled_objective_equals_constant_at_the_scheduled_value(schedule, progress):
     torch.manual_seed(0)
-    net, ema = Net().to(DT), Net().to(DT)
+    net, ema = TimeNet().to(DT), TimeNet().to(DT)
     x, t, r, noise = batch()
     sched = MeanFlow(beta_cv_schedule=schedule, beta_cv_start=1.0, beta_cv_end=0.0,
                      beta_cv_s0=0.2, beta_cv_s1=0.6)

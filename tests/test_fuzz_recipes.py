@@ -15,15 +15,14 @@ the ``slow`` test; ``python tests/test_fuzz_recipes.py [N]`` prints the tallies.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import signal
 import sys
 import traceback
 from pathlib import Path
 
 import pytest
+from shared_parts import Hang, time_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,21 +127,6 @@ def make_cases(n: int, seed: int = 14) -> list[tuple[str, list[str]]]:
     return cases
 
 
-class Hang(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def alarm(seconds: float):
-    def on_alarm(*_):
-        raise Hang(f"no answer after {seconds} s")
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def run_case(name: str, muts: list[str], tmp: Path, *, check_s: float = 20,
@@ -159,7 +143,7 @@ def run_case(name: str, muts: list[str], tmp: Path, *, check_s: float = 20,
     path, base = BASES[name]
     overrides = base + [f"run.cache_dir={tmp / 'cache'}"] + muts
     try:
-        with alarm(check_s), warnings.catch_warnings():
+        with time_limit(check_s), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             recipe, _ = load_recipe(str(path), overrides)
             check_recipe(recipe)
@@ -175,7 +159,7 @@ def run_case(name: str, muts: list[str], tmp: Path, *, check_s: float = 20,
         overrides = overrides + [f"train.total_images={two}"]
     run_dir = tmp / f"run{len(os.listdir(tmp))}"
     try:
-        with alarm(train_s), warnings.catch_warnings():
+        with time_limit(train_s), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             recipe, data = load_recipe(str(path), overrides)
             out = train(recipe, data, str(run_dir))

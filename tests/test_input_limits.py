@@ -5,36 +5,20 @@ test instead of stalling the suite.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
-import signal
 import tarfile
 
 import numpy as np
 import pytest
 
 from data_fixtures import write_wds_shards
+from shared_parts import time_limit
 from mfrecipes.data.shards import Shards
 from mfrecipes.data.tar import TarError, iter_members, iter_samples
-from mfrecipes.errors import DataError, RecipeError
+from mfrecipes.errors import DataError
 
 
-class Hang(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def limit(seconds: float = 20):
-    def on_alarm(*_):
-        raise Hang(f"still running after {seconds} s")
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # -- shards whose samples never decode -----------------------------------------------------------
@@ -49,7 +33,7 @@ def test_wrong_sample_shape_is_one_error_naming_the_shard(tmp_path):
     write_wds_shards(tmp_path, 40, 10)  # [2] points; the recipe says [3]
     ds = Shards(urls=str(tmp_path / "shard-{000000..000003}.tar"), sample_shape=[3],
                 max_consecutive_corrupt=25)
-    with limit(), pytest.raises(DataError, match=r"25 samples in a row.*shard-00000\d\.tar.*"
+    with time_limit(), pytest.raises(DataError, match=r"25 samples in a row.*shard-00000\d\.tar.*"
                                                  r"shape") as err:
         next(ds.batches(4))
     assert err.value.path == "data.params"
@@ -63,7 +47,7 @@ def test_default_bound_stops_a_large_undecodable_set(tmp_path):
         for i in range(3000):  # object arrays: never decodable (pickles are refused)
             w.write({"__key__": f"{i:06d}", "x.npy": b"\x93NUMPY garbage", "cls": 0})
     ds = Shards(urls=str(tmp_path / "shard-000000.tar"), sample_shape=[2], num_classes=10)
-    with limit(), pytest.raises(DataError, match="1000 samples in a row"):
+    with time_limit(), pytest.raises(DataError, match="1000 samples in a row"):
         next(ds.batches(8))
 
 
@@ -71,7 +55,7 @@ def test_an_epoch_with_nothing_decodable_is_an_error(tmp_path):
     # Fewer samples than the consecutive bound: the epoch rule must catch it.
     write_wds_shards(tmp_path, 6, 3)
     ds = Shards(urls=str(tmp_path / "shard-{000000..000001}.tar"), sample_shape=[5])
-    with limit(), pytest.raises(DataError, match=r"no decodable sample in 3 epoch.*shape"):
+    with time_limit(), pytest.raises(DataError, match=r"no decodable sample in 3 epoch.*shape"):
         next(ds.batches(2))
     assert ds.counters()["data/skipped"] == 18
 
@@ -80,7 +64,7 @@ def test_workers_raise_the_same_error(tmp_path):
     write_wds_shards(tmp_path, 8, 4)
     ds = Shards(urls=str(tmp_path / "shard-{000000..000001}.tar"), sample_shape=[3],
                 num_workers=1)
-    with limit(60), pytest.raises(DataError, match="no decodable sample"):
+    with time_limit(60), pytest.raises(DataError, match="no decodable sample"):
         next(ds.batches(2))
 
 
@@ -88,7 +72,7 @@ def test_a_few_bad_samples_in_a_row_are_still_skipped(tmp_path):
     write_wds_shards(tmp_path, 20, 10, bad={3, 4, 5})
     ds = Shards(urls=str(tmp_path / "shard-{000000..000001}.tar"), shuffle_buffer=1,
                 max_consecutive_corrupt=4)
-    with limit():
+    with time_limit():
         got = [int(x[0, 0]) for x, _ in itertools.islice(ds.batches(1), 17)]
     assert sorted(got) == [i for i in range(20) if i not in (3, 4, 5)]
     assert ds.counters()["data/skipped"] == 3
@@ -106,7 +90,7 @@ def test_non_finite_sample_is_skipped_and_counted(tmp_path, bad):
                 x[1] = bad  # 1e300 is finite in float64 but inf once cast to float32
             w.write({"__key__": f"{i:06d}", "x.npy": _npy(x), "cls": b"%d" % (i % 10)})
     ds = Shards(urls=str(path), sample_shape=[2], num_classes=10, shuffle_buffer=1)
-    with limit():
+    with time_limit():
         x, _ = next(ds.batches(5))
     assert np.isfinite(x.numpy()).all()
     assert x[:, 0].tolist() == [0, 1, 3, 4, 5]
@@ -129,7 +113,7 @@ def _tar_with_pax(records: bytes) -> bytes:
                                      b"-5 path=a\n", b"99999 path=a\n",
                                      b"9" * 400 + b" path=a\n", b"3 path=a\n", b"nospace"])
 def test_malformed_pax_lengths_are_tar_errors(records):
-    with limit(), pytest.raises(TarError, match="pax header"):
+    with time_limit(), pytest.raises(TarError, match="pax header"):
         list(iter_members(io.BytesIO(_tar_with_pax(records))))
 
 
@@ -157,7 +141,7 @@ def _one_member(size_field: bytes) -> bytes:
     (b"notoctal!!!\0", "bad size field"),
 ])
 def test_size_fields_beyond_the_file_are_tar_errors(size_field, why):
-    with limit(), pytest.raises(TarError, match=why):
+    with time_limit(), pytest.raises(TarError, match=why):
         list(iter_members(io.BytesIO(_one_member(size_field))))
 
 
@@ -169,7 +153,7 @@ def test_corrupt_headers_in_a_shard_are_skipped_and_counted(tmp_path):
     (tmp_path / "shard-000002.tar").write_bytes(_one_member(b"\x80" + b"\xff" * 11))
     ds = Shards(urls=str(tmp_path / "shard-{000000..000002}.tar"), sample_shape=[2],
                 num_classes=10, shuffle_buffer=1)
-    with limit():
+    with time_limit():
         x, _ = next(ds.batches(8))  # two epochs of the good shard
     assert sorted(x[:, 0].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
     assert ds.counters()["data/skipped"] >= 2
@@ -194,7 +178,7 @@ def _check(tmp_path, capsys, recipe_text: str | None = None, overrides=()):
         path = tmp_path / "r.yaml"
         path.write_text(f"base: {Path(__file__).resolve().parents[1]}/recipes/"
                         f"toy2d_meanflow.yaml\n" + recipe_text)
-    with limit(30):
+    with time_limit(30):
         rc = main(["check", str(path), *overrides])
     return rc, capsys.readouterr().err
 

@@ -392,13 +392,9 @@ def ds_overrides(cfg: dict, urls: str) -> list[str]:
 
 def read_metrics(path: str) -> dict[int, dict]:
     """step -> the record of that step (records without a step, e.g. sampler notes, dropped)."""
-    out = {}
-    with open(path) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "loss" in rec and "step" in rec:
-                out[int(rec["step"])] = rec
-    return out
+    from mfrecipes.train.log import read_jsonl
+
+    return {int(rec["step"]): rec for rec in read_jsonl(path) if "loss" in rec and "step" in rec}
 
 
 def compare_runs(single: dict[int, dict], ds: dict[int, dict], steps: int,

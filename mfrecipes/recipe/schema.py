@@ -41,6 +41,14 @@ def _unit_interval_open(inst, attribute, value):
             raise ValueError(f"each value must be in (0, 1), got {v!r}")
 
 
+class FieldError(ValueError):
+    """A check across fields (``__attrs_post_init__``) that names the key to blame."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def _at_most(hi):
     def check(inst, attribute, value):
         if value is not None and value > hi:
@@ -125,14 +133,17 @@ class TrainCfg:
 
     def __attrs_post_init__(self):
         if not self.ema_decays:
-            raise ValueError("ema_decays must list at least one decay in (0, 1), e.g. [0.9999]")
+            raise FieldError("ema_decays",
+                             "ema_decays must list at least one decay in (0, 1), e.g. [0.9999]")
         # AdamW multiplies the weights by (1 - lr * weight_decay) each step.
         if self.lr * self.weight_decay >= 1.0:
-            raise ValueError(f"weight_decay {self.weight_decay} with lr {self.lr} would zero or "
+            raise FieldError("weight_decay",
+                             f"weight_decay {self.weight_decay} with lr {self.lr} would zero or "
                              f"flip every weight each step (lr * weight_decay must be < 1)")
         if (self.micro_batch_size is not None
                 and self.global_batch_size % self.micro_batch_size):
-            raise ValueError(f"micro_batch_size {self.micro_batch_size} does not divide "
+            raise FieldError("micro_batch_size",
+                             f"micro_batch_size {self.micro_batch_size} does not divide "
                              f"global_batch_size {self.global_batch_size}; valid: a divisor "
                              f"of it (global = micro x accumulation steps x world size)")
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -360,7 +371,7 @@ def _build(cls, d: Any, path: str):
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
         # attrs validators raise with the attribute; find which one by re-validating each field.
-        bad = _failing_field(cls, kwargs)
+        bad = getattr(err, "field", None) or _failing_field(cls, kwargs)
         raise RecipeError(str(err), path=_join(path, bad) if bad else (path or None)) from err
 
 
@@ -375,14 +386,6 @@ def _failing_field(cls, kwargs) -> Optional[str]:
         return "zero_stage" if kwargs["zero_stage"] not in (0, 1, 2) else "config"
     if cls is EvalCfg:
         return "nfe"
-    if cls is TrainCfg:
-        msg = ""
-        try:
-            cls(**kwargs)
-        except ValueError as err:
-            msg = str(err)
-        return next((k for k in ("ema_decays", "weight_decay", "micro_batch_size")
-                     if msg.startswith(k)), None)
     return None
 
 

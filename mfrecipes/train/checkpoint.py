@@ -24,6 +24,7 @@ that fails (a full disk) removes its own temporary folder and says which checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -78,18 +79,10 @@ def atomic_write_text(path: str, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError:
-        with _suppress_os():
+        with contextlib.suppress(OSError):
             os.remove(tmp)  # a full disk leaves the old file and no half-written one
         raise
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-class _suppress_os:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        return kind is not None and issubclass(kind, OSError)
 
 
 def disk_full(err: BaseException) -> bool:

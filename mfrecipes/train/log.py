@@ -79,10 +79,25 @@ class MetricLogger:
     def close(self) -> None:
         pass
 
+    # (module, extra): the package the backend imports and the mfrecipes extra that installs it
+    requires: tuple[str, str] | None = None
+
     @classmethod
     def missing(cls) -> str | None:
         """Why this backend cannot run here (a missing package), or None; ``mfr check`` asks."""
-        return None
+        if cls.requires is None or importlib.util.find_spec(cls.requires[0]) is not None:
+            return None
+        module, extra = cls.requires
+        name = next((n for n in LOGGERS.names() if LOGGERS.get(n) is cls), cls.__name__)
+        return (f"logger {name!r} needs the {module} package, an optional "
+                f"extra: pip install 'mfrecipes[{extra}]' (or drop it from train.loggers)")
+
+    @classmethod
+    def require(cls) -> None:
+        """Raise the ``missing`` reason as a recipe error (a backend's constructor calls it)."""
+        why = cls.missing()
+        if why:
+            raise RecipeError(why, path="train.loggers")
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -111,19 +126,13 @@ class JsonlLogger(MetricLogger):
 class TensorBoardLogger(MetricLogger):
     """TensorBoard event files in RUN_DIR/tensorboard (scalars against images seen, grids)."""
 
+    requires = ("tensorboard", "tensorboard")
+
     def __init__(self, *, run_dir: str):
-        if self.missing():
-            raise RecipeError(self.missing(), path="train.loggers")
+        self.require()
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-
-    @classmethod
-    def missing(cls) -> str | None:
-        if importlib.util.find_spec("tensorboard") is None:
-            return ("logger 'tensorboard' needs the tensorboard package: pip install "
-                    "'mfrecipes[tensorboard]' (or drop it from train.loggers)")
-        return None
 
     def log(self, record: dict[str, Any]) -> None:
         step = int(record.get("images", 0))
@@ -148,8 +157,7 @@ class WandbLogger(MetricLogger):
 
     def __init__(self, project: str | None = None, entity: str | None = None,
                  name: str | None = None, tags: Sequence[str] = (), *, run_dir: str):
-        if self.missing():
-            raise RecipeError(self.missing(), path="train.loggers")
+        self.require()
         import wandb
 
         self._wandb = wandb
@@ -170,12 +178,7 @@ class WandbLogger(MetricLogger):
         self._run.define_metric("images")
         self._run.define_metric("*", step_metric="images")
 
-    @classmethod
-    def missing(cls) -> str | None:
-        if importlib.util.find_spec("wandb") is None:
-            return ("logger 'wandb' needs the wandb package, an optional extra: pip install "
-                    "'mfrecipes[wandb]'")
-        return None
+    requires = ("wandb", "wandb")
 
     def log(self, record: dict[str, Any]) -> None:
         figures = _scalars(record)

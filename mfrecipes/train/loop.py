@@ -498,7 +498,9 @@ class Trainer:
         mine = slice(self.rank, None, self.world)
         t_all, r_all, noise_all = t_all[mine], r_all[mine], noise_all[mine]
         total = 0.0
-        v_sum, v_count = 0.0, 0
+        # The unweighted error of the r = t rows (what a curriculum watches): sum and count, so
+        # the mean over micro batches and ranks is over rows; on the device, read once per step.
+        v_stats = torch.zeros(2, dtype=torch.float64, device=self.device)
         diag: dict[str, float] = {}
         for a in range(accum):
             x, y = next(batches)
@@ -512,11 +514,9 @@ class Trainer:
                 out = self.objective(self.net, x, y, t, r, noise, progress=progress,
                                      ema_net=self.ema.module(), **extra)
             err = out.err.float()
-            # What a curriculum watches: the unweighted error of the r = t rows (sum and count,
-            # so the mean over micro batches and ranks is over rows, not over partial means).
             v_rows = ~out.is_average
-            v_sum += float(err.detach()[v_rows].sum())
-            v_count += int(v_rows.sum())
+            v_stats += torch.stack([torch.where(v_rows, err.detach(), 0.0).sum(),
+                                    v_rows.sum()]).double()
             # Loss = mean(adaptive [* MinSNR alpha] * progressive beta * err) (Kim et al., Eqs. 8-9)
             w = self.loss_weighting.weights(err, t, r) * self.gap_schedule.weights(t, r, progress)
             w = w * out.loss_scale  # the objective's own row factor (AlphaFlow's alpha)
@@ -526,8 +526,9 @@ class Trainer:
             for k, v in out.diagnostics.items():
                 diag[f"obj/{k}"] = diag.get(f"obj/{k}", 0.0) + float(v) / accum
         # The mean over ranks: what is logged, what samplers observe, what decides a skip.
+        v_sum, v_count = v_stats.tolist()
         total, v_sum, v_count, *values = self.engine.mean_across_ranks(
-            [total, v_sum, float(v_count), *diag.values()])
+            [total, v_sum, v_count, *diag.values()])
         diag = dict(zip(diag, values))
         # The mean unweighted v error, NaN when no row had r = t (nothing to observe).
         self.watched_loss = v_sum / v_count if v_count > 0 else math.nan
@@ -551,9 +552,11 @@ class Trainer:
                     f"check the data")
             return total, diag, grad_norm
         # The update itself can blow up (lr or weight decay inf, a NaN clip): one norm over
-        # the weights (float32 overflows for magnitudes beyond ~1e19), the same on every rank.
+        # the weights (float32 overflows for magnitudes beyond ~1e19). Data-parallel ranks hold
+        # the same weights after a step (ZeRO 1 and 2 gather them), so every rank decides alike
+        # without another collective.
         norms = torch._foreach_norm([p.detach() for p in self.net.parameters()])
-        pnorm, = self.engine.mean_across_ranks([float(torch.stack(norms).float().norm())])
+        pnorm = float(torch.stack(norms).float().norm())
         if not math.isfinite(pnorm):
             raise TrainingError(
                 f"the weights are not finite after the update at {self.images} images "

@@ -1,0 +1,40 @@
+"""Small pieces several test files share (imported as a module beside them, like data_fixtures)."""
+from __future__ import annotations
+
+import contextlib
+import signal
+
+import torch
+from torch import nn
+
+
+class Hang(Exception):
+    """Raised by :func:`time_limit` when the guarded code is still running."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float = 20):
+    """Fail with ``Hang`` instead of hanging: a SIGALRM after ``seconds`` (main thread only)."""
+    def on_alarm(*_):
+        raise Hang(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+class TimeNet(nn.Module):
+    """net(z, t, h, y): nonlinear in z, t and h (with a t-h term), unconditional."""
+
+    def __init__(self, dim: int = 3, hidden: int = 12):
+        super().__init__()
+        self.inp = nn.Linear(dim, hidden)
+        self.time = nn.Linear(3, hidden)
+        self.out = nn.Linear(hidden, dim)
+
+    def forward(self, z, t, h, y=None):
+        a = torch.tanh(self.inp(z) + self.time(torch.stack([t, h, t * h], dim=1)))
+        return self.out(a) * (1 + h[:, None])
