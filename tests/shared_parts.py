@@ -38,3 +38,18 @@ class TimeNet(nn.Module):
     def forward(self, z, t, h, y=None):
         a = torch.tanh(self.inp(z) + self.time(torch.stack([t, h, t * h], dim=1)))
         return self.out(a) * (1 + h[:, None])
+
+
+# A toy2d MeanFlow run of 20 steps with two checkpoints (the trainer tests' usual recipe).
+TOY_RECIPE = """
+run: {name: toy, seed: 3}
+data: {name: toy2d, params: {kind: eight_gaussians, num_points: 2000}}
+backbone: {name: mlp, params: {hidden: 32, depth: 2}}
+objective: {name: meanflow, params: {}}
+timestep_sampler: {name: logit_normal, params: {fm_ratio: 0.5}}
+loss_weighting: {name: adaptive, params: {}}
+gap_schedule: {name: progressive, params: {mc_draws: 20000}}
+train: {total_images: 1280, global_batch_size: 64, lr: 1.0e-3, ema_decays: [0.9, 0.99],
+        log_every_images: 320, checkpoint_every_images: 640, progress_bar: false}
+eval: {at_end: false}
+"""

@@ -21,23 +21,14 @@ import torch
 
 from conftest import REPO
 from data_fixtures import write_wds_shards
+from shared_parts import TOY_RECIPE
 from mfrecipes.errors import CheckpointError, RecipeError, TrainingError
 from mfrecipes.recipe import load_recipe
 from mfrecipes.train import checkpoint as ckpt
 from mfrecipes.train.loop import Trainer
 
-TOY = """
-run: {name: toy, seed: 3}
-data: {name: toy2d, params: {kind: eight_gaussians, num_points: 2000}}
-backbone: {name: mlp, params: {hidden: 32, depth: 2}}
-objective: {name: meanflow, params: {}}
-timestep_sampler: {name: logit_normal, params: {fm_ratio: 0.5}}
-loss_weighting: {name: adaptive, params: {}}
-gap_schedule: {name: constant, params: {}}
-train: {total_images: 1280, global_batch_size: 64, lr: 1.0e-3, ema_decays: [0.9, 0.99],
-        log_every_images: 320, checkpoint_every_images: 640, progress_bar: false}
-eval: {at_end: false}
-"""
+TOY = TOY_RECIPE.replace("{name: progressive, params: {mc_draws: 20000}}",
+                        "{name: constant, params: {}}")
 CLI = [sys.executable, "-m", "mfrecipes.cli"]
 
 
