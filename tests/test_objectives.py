@@ -174,6 +174,28 @@ def seeded(seed=123):
 
 # ---------------------------------------------------------------------------------------------
 # MeanFlow target against finite differences
+@pytest.mark.parametrize("impl", ["auto", "torch_func"])
+def test_tangent_h_zero_drops_the_gap_derivative(impl):
+    """The broken control: du/dt along (v, 1, 0) instead of (v, 1, 1), by central differences."""
+    torch.manual_seed(0)
+    net = TinyMLP().to(DT)
+    x, y, t, r, noise = make_batch()
+    out = MeanFlow(num_classes=NUM_CLASSES, tangent_h=0.0, jvp_impl=impl)(
+        net, x, y, t, r, noise, progress=0.0)
+    tb = bcast(t, x)
+    z, v, h = (1 - tb) * x + tb * noise, noise - x, t - r
+    eps = 1e-6
+    with torch.no_grad():
+        d = (net(z + eps * v, t + eps, h, y) - net(z - eps * v, t - eps, h, y)) / (2 * eps)
+    torch.testing.assert_close(out.target, (v - bcast(h, x) * d).detach(), rtol=1e-7, atol=1e-8)
+    full = MeanFlow(num_classes=NUM_CLASSES)(net, x, y, t, r, noise, progress=0.0)
+    avg = r != t
+    assert (out.target[avg] - full.target[avg]).abs().max() > 1e-3   # the term it drops is real
+    torch.testing.assert_close(out.target[~avg], full.target[~avg])
+    with pytest.raises(ValueError, match="tangent_h must be 1"):
+        MeanFlow(tangent_h=0.5)
+
+
 @pytest.mark.parametrize("selective", [True, False])
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_meanflow_matches_finite_difference_reference(selective, kind):

@@ -121,6 +121,10 @@ class MeanFlow(MeanFlowSettings):
         so r >= 0), added to ``err`` of every sample, so the loss weightings scale it with the
         sample. Our reading: the anchor regresses on v_g,
         the velocity the rest of the target uses (v when guidance is off). One extra forward.
+    tangent_h: the tangent of the gap h = t - r in the JVP. 1 (default) is the method: along the
+        trajectory r is fixed and t moves, so dh/dt = 1 (mfrecipes/METHOD.md, section 2). 0 drops
+        the du/dh term from du/dt, a mistake some reimplementations made; it exists only as a
+        deliberately broken arm for the test bed's controls. Any other value is refused.
     num_classes: set by the framework from the dataset (None: unconditional).
     """
 
@@ -135,6 +139,7 @@ class MeanFlow(MeanFlowSettings):
     beta_cv_s1: float = 1.0
     fm_anchor_weight: float = 0.0
     fm_anchor_delta: float = 1e-3
+    tangent_h: float = 1.0
     _guidance: Guidance = attrs.field(init=False, repr=False, eq=False)
     _cv: ControlVariate = attrs.field(init=False, repr=False, eq=False)
 
@@ -156,7 +161,7 @@ class MeanFlow(MeanFlowSettings):
         if self.jvp_dtype not in JVP_DTYPES:
             raise ValueError(f"jvp_dtype must be one of {JVP_DTYPES}, got {self.jvp_dtype!r}")
         for name in ("v_noise", "fm_anchor_weight", "fm_anchor_delta", "beta_cv", "beta_cv_s0",
-                     "beta_cv_s1"):
+                     "beta_cv_s1", "tangent_h"):
             check_real(name, getattr(self, name))
         if not self.v_noise >= 0:
             raise ValueError(f"v_noise must be >= 0, got {self.v_noise!r}")
@@ -166,6 +171,9 @@ class MeanFlow(MeanFlowSettings):
         if self.class_dropout_rows not in DROPOUT_ROWS:
             raise ValueError(f"class_dropout_rows must be one of {DROPOUT_ROWS}, "
                              f"got {self.class_dropout_rows!r}")
+        if self.tangent_h not in (0, 1):
+            raise ValueError(f"tangent_h must be 1 (the method) or 0 (the broken control that "
+                             f"drops du/dh), got {self.tangent_h!r}")
         if not self.fm_anchor_weight >= 0:
             raise ValueError(f"fm_anchor_weight must be >= 0, got {self.fm_anchor_weight!r}")
         if not self.fm_anchor_delta >= 0:
@@ -236,8 +244,9 @@ class MeanFlow(MeanFlowSettings):
                                                     for a in (zj, tj, hj, tangent_j, v_g_c))
                 ones = torch.ones_like(tj[:n_jvp])
                 # h = t - r is formed from (t, r) with tangents (1, 0): its tangent is 1 (METHOD 2)
+                dh = ones if self.tangent_h == 1 else ones * self.tangent_h
                 u_rows, dudt = jvp_forward(net, zj, tj, hj, _take(y, rows), tangent_j, ones,
-                                           ones, impl=self.jvp_impl)  # u [len(rows)], du [K]
+                                           dh, impl=self.jvp_impl)  # u [len(rows)], du [K]
                 # MeanFlow target (Kim et al. 2025, Eq. 4)
                 tgt_j = v_g_c - as_batch(hj[:n_jvp], dudt) * dudt
             u_j = u_rows[:n_jvp]
