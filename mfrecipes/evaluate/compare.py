@@ -5,7 +5,8 @@ A run is a directory with ``recipe.resolved.yaml`` and ``metrics.jsonl`` (record
 With ``group_seeds``, runs whose resolved recipes differ only in ``run.seed``, ``run.name`` or
 ``run.out_dir`` form one row, with mean +- std (sample std, ddof = 1) over the seeds.
 
-Direction: lower is better for metrics named like ``fd``, ``swd``, ``fid`` or ``loss``
+Direction: lower is better for metrics with a path segment named like ``fd``, ``swd``, ``fid``,
+``loss``, ``err`` or ``map`` (the one-step map error of the exact metrics)
 (``direction="auto"``); ``"higher"`` flips best and threshold.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ __all__ = ["RunCurve", "load_run_curve", "flatten", "differing_keys", "compare",
            "Comparison", "lower_is_better", "images_to_threshold", "SEED_KEYS"]
 
 SEED_KEYS = ("run.seed", "run.name", "run.out_dir")
-_LOWER = ("fd", "swd", "fid", "loss", "err")
+_LOWER = ("fd", "swd", "fid", "loss", "err", "map")
 
 
 def lower_is_better(metric: str, direction: str = "auto") -> bool:
@@ -38,8 +39,9 @@ def lower_is_better(metric: str, direction: str = "auto") -> bool:
     if direction != "auto":
         raise RecipeError(f"direction must be auto, lower or higher, got {direction!r}",
                           path="--direction")
-    leaf = metric.rsplit("/", 1)[-1].lower()
-    return any(leaf.startswith(p) or leaf.endswith(p) for p in _LOWER)
+    # every segment counts: eval/exact/u_err/g0.00-0.25 is an error per gap bin
+    return any(seg.startswith(p) or seg.endswith(p)
+               for seg in metric.lower().split("/") for p in _LOWER)
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
