@@ -235,3 +235,17 @@ def test_tool_baseline_on_real_tiny_runs(tmp_path, capsys):
     ci = ref.confidence_interval(0.95)
     assert (float(row["ci_low"]), float(row["ci_high"])) == pytest.approx((ci.low, ci.high))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reached_at_the_first_evaluation_is_a_bound(tmp_path):
+    """An arm already at the baseline's final value at its first evaluation: the images are an
+    upper bound, so the speed-up is shown as a lower bound (>=)."""
+    b = [write_run(tmp_path, f"b-s{s}", s, [(100, 4.0), (200, 2.0)]) for s in (0, 1)]
+    a = [write_run(tmp_path, f"a-s{s}", s, [(100, 1.5 + s), (200, 1.0)]) for s in (0, 1)]
+    res = P.paired_analysis(P.group_by_arm(b + a), "b", M).arm("a")
+    assert res.at_first == (True, False)
+    assert res.reach[0] == 100 and res.speedup[0] == pytest.approx(2.0)
+    # seed 1: 2.5 -> 1.0 reaches 2.0 at log(2/2.5) / log(1/2.5) of the way from 100 to 200
+    assert res.reach[1] == pytest.approx(100 + 100 * math.log(0.8) / math.log(0.4))
+    geo, per = res.speedup_text()
+    assert geo.startswith(">=") and per.startswith(">=2x, ")

@@ -262,3 +262,145 @@ def test_cv_sweep_report_plots_the_final_figure_against_beta_cv(repro, tmp_path)
                                 "eval/nfe1/swd", repro.SWEEP_KEY)
     xs, means, stds = {lab: (x, m, s) for lab, x, m, s in series}["toy2d_swiss_roll"]
     assert means[0] == pytest.approx(0.1) and stds[0] == 0.0
+
+
+# ----------------------------------------------------------------------------- the test bed
+STUB_BASE = """\
+# A stand-in for the test-bed base recipe: the plans read YAML only.
+base: digits.yaml
+run: {name: testbed}
+data: {name: mixture, params: {resolution: 16}}
+train: {total_images: 1000, checkpoint_every_images: 500}
+eval: {every_images: 125}
+"""
+
+
+@pytest.fixture
+def tb_recipes(tmp_path):
+    """recipes/testbed and recipes/_base copied, with a stand-in _base/testbed.yaml when the
+    real one is not there."""
+    import shutil
+
+    root = tmp_path / "recipes"
+    shutil.copytree(os.path.join(RECIPES, "_base"), root / "_base")
+    shutil.copytree(os.path.join(RECIPES, "testbed"), root / "testbed")
+    if not (root / "_base" / "testbed.yaml").exists():
+        (root / "_base" / "testbed.yaml").write_text(STUB_BASE)
+    return str(root)
+
+
+def test_testbed_recipes_name_their_paper_row():
+    paths = glob.glob(os.path.join(RECIPES, "testbed", "**", "*.yaml"), recursive=True)
+    paths = [p for p in paths if os.sep + "gpu" + os.sep not in p]
+    assert len(paths) >= 30
+    for p in paths:
+        head = open(p).read().split("\nbase:")[0]
+        assert head.startswith("#") and any(w in head for w in (
+            "Table", "Fig.", "Control-variate", "Discrete MeanFlow", "MeanFlow on the test bed",
+            "Flow-matching")), p
+
+
+def test_testbed_plans_from_yaml_only(repro, tb_recipes, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    plans = {g: repro.plan(g, recipes=tb_recipes, out=out, seeds=[0, 1])
+             for g in repro.TB_GROUPS}
+    names = {g: sorted({j.name for j in jobs}) for g, jobs in plans.items()}
+    assert names["tb_table3"] == ["beta", "dtd", "dtd_beta", "meanflow", "minsnr",
+                                  "minsnr_beta"]
+    assert names["tb_table4"] == ["k05", "k1", "k2", "k3"]
+    assert names["tb_fig3"] == ["vnoise_k0", "vnoise_k001", "vnoise_k003", "vnoise_k01"]
+    assert "vpre_only" in names["tb_fig4"] and len(names["tb_fig4"]) == 9
+    assert {f"fixed_u_vpre{v:02d}" for v in (0, 5, 10, 15, 20)} <= set(names["tb_fig2"])
+    assert len(names["tb_fig2"]) == 10
+    assert names["tb_cv"] == [f"meanflow_cv-beta{b:g}" for b in repro.BETA_CV]
+    # controls: the baseline is Table 3's MeanFlow run, the variants are overrides of it
+    ctl = plans["tb_controls"]
+    t3 = {j.run_dir: j for j in plans["tb_table3"]}
+    base = [j for j in ctl if j.name == "meanflow"]
+    assert [j.run_dir for j in base] == [os.path.join(out, "tb_table3", f"meanflow-s{s}")
+                                         for s in (0, 1)]
+    assert all(j.run_dir in t3 and t3[j.run_dir].overrides == j.overrides for j in base)
+    by = {j.name: j for j in ctl if j.seed == 1}
+    assert "data.params.draw_salt=1" in by["meanflow-aa"].overrides
+    assert "objective.params.tangent_h=0" in by["meanflow-broken"].overrides
+    total = repro.total_images(base[0])
+    assert repro.total_images(by["meanflow-more_images"]) == round(1.25 * total)
+    # table5 evaluates the Table 3 runs; fig5 measures the affinity of its own runs
+    t5 = plans["tb_table5"]
+    assert sorted(j.name for j in t5 if j.seed == 0) == ["dtd_beta", "meanflow", "minsnr_beta"]
+    assert all(j.kind == "eval" and j.run_dir in t3 and j.after == (j.run_dir,) for j in t5)
+    aff = [j for j in plans["tb_fig5"] if j.kind == "affinity"]
+    assert len(aff) == 6 and all(j.wants == repro.TAS_METRICS for j in aff)
+    dmf = plans["tb_dmf"]
+    fm = next(j for j in dmf if j.name == "flow_matching" and j.seed == 0)
+    d = next(j for j in dmf if j.name == "dmf" and j.seed == 0)
+    assert f"init_from.path={fm.run_dir}" in d.overrides and d.after == (fm.run_dir,)
+    # the tool's dry run of every new group
+    assert repro.main(["--only", ",".join(repro.TB_GROUPS), "--recipes", tb_recipes,
+                       "--out", out, "--seeds", "0,1", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert all(f"== {g}:" in text for g in repro.TB_GROUPS) and not os.path.exists(out)
+    assert repro.main(["--only", "tb_nothing", "--dry-run"]) == 2
+    assert "unknown group" in capsys.readouterr().err
+
+
+def _fake_run(repro, job, factor, *, points=8):
+    """A finished run of ``job``: its resolved recipe, a map1 curve level * factor * 1000 / i
+    at every 1/8 of the base budget up to its own total, and a checkpoint at that total."""
+    import yaml
+
+    recipe = repro._load(job.recipe, job.overrides)
+    total = recipe.train.total_images
+    os.makedirs(job.run_dir, exist_ok=True)
+    with open(os.path.join(job.run_dir, "recipe.resolved.yaml"), "w") as f:
+        yaml.safe_dump(recipe.to_dict(), f)
+    import zlib
+
+    import numpy as np
+
+    level = {0: 1.0, 1: 1.6, 2: 0.7}[job.seed]   # a seed spread far above the effects
+    # a small wobble of its own per run (arm and seed), the same at every evaluation
+    rng = np.random.default_rng(zlib.crc32(os.path.basename(job.run_dir).encode()))
+    wobble = float(np.exp(0.02 * rng.standard_normal()))
+    step = 125
+    with open(os.path.join(job.run_dir, "metrics.jsonl"), "w") as f:
+        for i in range(step, total + 1, step):
+            f.write(json.dumps({"images": i, "eval/exact/map1": level * factor * wobble
+                                * 1000 / i, "eval/exact/v_err": level * factor}) + "\n")
+    _fake_checkpoint(job.run_dir, total)
+
+
+@pytest.mark.parametrize("broken_factor, passes", [(1.6, True), (1.0, False)])
+def test_testbed_report_controls_gate(repro, tmp_path, broken_factor, passes):
+    root = tmp_path / "recipes"
+    (root / "_base").mkdir(parents=True)
+    import shutil
+
+    shutil.copy(os.path.join(RECIPES, "_base", "digits.yaml"), root / "_base")
+    (root / "_base" / "testbed.yaml").write_text(STUB_BASE)
+    shutil.copytree(os.path.join(RECIPES, "testbed", "table3"), root / "testbed" / "table3")
+    out = str(tmp_path / "o")
+    seeds = [0, 1, 2]
+    ctl = repro.plan("tb_controls", recipes=str(root), out=out, seeds=seeds)
+    t3 = repro.plan("tb_table3", recipes=str(root), out=out, seeds=seeds)
+    factors = {"meanflow": 1.0, "meanflow-aa": 1.0, "meanflow-more_images": 1.0,
+               "meanflow-broken": broken_factor, "minsnr": 0.8, "dtd": 1.0, "beta": 1.2,
+               "minsnr_beta": 0.7, "dtd_beta": 0.9}
+    for j in {j.run_dir: j for j in ctl + t3}.values():
+        _fake_run(repro, j, factors[j.name])
+    assert repro.main(["--only", "tb_controls,tb_table3", "--recipes", str(root), "--out", out,
+                       "--seeds", "0,1,2", "--report-only"]) == 0
+    ctl_md = open(os.path.join(out, "tb_controls.md")).read()
+    t3_md = open(os.path.join(out, "tb_table3.md")).read()
+    assert t3_md.index("## Controls") < t3_md.index("## Table 3")
+    if passes:
+        assert "The controls pass" in ctl_md and "The controls pass" in t3_md
+        assert "| minsnr_beta | 0,1,2 |" in t3_md and "| dtd | 0,1,2 |" in t3_md
+        rows = open(os.path.join(out, "tb_table3.csv")).read()
+        assert "minsnr_beta" in rows and "better" in rows and "worse" in rows
+        assert open(os.path.join(out, "tb_table3.png"), "rb").read(4) == b"\x89PNG"
+        assert open(os.path.join(out, "tb_controls.png"), "rb").read(4) == b"\x89PNG"
+    else:
+        assert "cannot judge" in ctl_md and "cannot judge" in t3_md
+        assert "| minsnr_beta |" not in t3_md and "No claims" in t3_md
+        assert not os.path.exists(os.path.join(out, "tb_table3.png"))

@@ -47,6 +47,7 @@ import argparse
 import fnmatch
 import functools
 import glob
+import io
 import json
 import os
 import shlex
@@ -57,7 +58,10 @@ from typing import Optional
 
 import attrs
 
-GROUPS = ("table3", "table4", "fig2", "fig3", "fig4", "table5", "cv_sweep", "dmf")
+DIGITS_GROUPS = ("table3", "table4", "fig2", "fig3", "fig4", "table5", "cv_sweep", "dmf")
+TB_GROUPS = ("tb_controls", "tb_table3", "tb_table4", "tb_table5", "tb_fig2", "tb_fig3",
+             "tb_fig4", "tb_fig5", "tb_cv", "tb_dmf")
+GROUPS = DIGITS_GROUPS + TB_GROUPS
 DIGITS_METRICS = ("eval/nfe1/fd_digits", "eval/nfe2/fd_digits")
 TOY_METRICS = ("eval/nfe1/swd", "eval/nfe2/swd")
 EULER_STEPS = (32, 64, 128)
@@ -65,11 +69,63 @@ TABLE5_ROWS = ("meanflow", "minsnr_beta", "dtd_beta")   # MeanFlow, Ours w MinSN
 FIG4_EULER_STEPS = (32,)
 BETA_CV = (0.0, 0.25, 0.5, 0.75, 1.0)
 SWEEP_KEY = "objective.params.beta_cv"
+# the test bed (recipes/testbed/): exact metrics of the mixture data set
+TB_BASELINE = "testbed/table3/meanflow.yaml"
+MAP1, V_ERR = "eval/exact/map1", "eval/exact/v_err"
+TB_METRICS = (MAP1, "eval/exact/map2", V_ERR, "eval/nfe1/fd_exact", "eval/nfe2/fd_exact")
+TB_EULER_STEPS = (32,)
+MORE_IMAGES = 1.25          # the "more images" control: the baseline's budget x 1.25
+TAS_RANGES = ((0.1, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.9))   # Fig. 5's four gap intervals
+CONTROL_VARIANTS = {"aa": ("data.params.draw_salt=1",),          # an irrelevant change
+                    "more_images": None,                         # total x 1.25 (planned)
+                    "broken": ("objective.params.tangent_h=0",)}  # du/dh dropped
+
+
+def tas_metric(lo: float, hi: float) -> str:
+    return f"eval/tas/g{lo:.2f}-{hi:.2f}"
+
+
+TAS_METRICS = tuple(tas_metric(a, b) for a, b in TAS_RANGES)
+
+
+@attrs.frozen
+class Study:
+    """One paired comparison of a test-bed group: the arms (job names; ``prefix`` selects them,
+    ``exclude`` drops some), the baseline arm and the metrics (the first is the primary)."""
+
+    title: str
+    baseline: str
+    metrics: tuple[str, ...]
+    prefix: str = ""
+    exclude: tuple[str, ...] = ()
+
+
+STUDIES = {
+    "tb_controls": (),   # the controls gate itself
+    "tb_table3": (Study("Table 3: components", "meanflow", TB_METRICS),),
+    "tb_table4": (Study("Table 4: k of the progressive schedule (DTD + beta)", "k1",
+                        TB_METRICS),),
+    "tb_table5": (Study("Table 5: the instantaneous velocity of the Table 3 runs", "meanflow",
+                        (V_ERR, *(f"eval/euler{k}/fd_exact" for k in TB_EULER_STEPS))),),
+    "tb_fig2": (Study("Fig. 2 (top): fixed u budget", "fixed_u_vpre00", TB_METRICS,
+                      prefix="fixed_u_"),
+                Study("Fig. 2 (bottom): fixed total budget", "fixed_total_vpre00", TB_METRICS,
+                      prefix="fixed_total_")),
+    "tb_fig3": (Study("Fig. 3: noise k on the v-target", "vnoise_k0", TB_METRICS),),
+    "tb_fig4": (Study("Fig. 4: gap ranges from scratch and after v-pretraining, by v_err",
+                      "vpre_only", (V_ERR, MAP1)),),
+    "tb_fig5": (Study("Fig. 5: task affinity of the v-loss and the u-loss per gap range",
+                      "random", TAS_METRICS),),
+    "tb_cv": (Study("Control-variate beta_cv sweep", "meanflow_cv-beta0", TB_METRICS),),
+    "tb_dmf": (Study("Discrete MeanFlow vs MeanFlow at equal images", "meanflow", TB_METRICS,
+                     exclude=("flow_matching",)),),
+}
 
 
 @attrs.frozen
 class Job:
-    """One training run (``kind="train"``) or one evaluation of a trained run (``"eval"``)."""
+    """One training run (``kind="train"``), one evaluation of a trained run (``"eval"``) or
+    one task-affinity measurement of it (``"affinity"``, written to its eval.jsonl)."""
 
     group: str
     name: str
@@ -138,12 +194,16 @@ def plan(group: str, *, recipes: str, out: str, seeds: list[int], extra: tuple[s
     """The jobs of one group, in the order they must run."""
     jobs: list[Job] = []
 
-    def add(path, seed, overrides=(), variant="", after=()):
-        name = _stem(path) + (f"-{variant}" if variant else "")
+    def add(path, seed, overrides=(), variant="", after=(), folder=None, stem=None):
+        name = (stem or _stem(path)) + (f"-{variant}" if variant else "")
         ov = (f"run.seed={seed}", *overrides, *extra)
         ov += scaled_overrides(path, ov, scale)
-        jobs.append(Job(group, name, path, os.path.join(out, group, f"{name}-s{seed}"), seed,
-                        ov, after=tuple(after)))
+        jobs.append(Job(group, name, path, os.path.join(out, folder or group, f"{name}-s{seed}"),
+                        seed, ov, after=tuple(after)))
+
+    if group in TB_GROUPS:
+        return _plan_testbed(group, add, jobs, recipes=recipes, out=out, seeds=seeds,
+                             extra=extra)
 
     simple = {"table3": ("digits/table3/*.yaml",), "table4": ("digits/table4/*.yaml",),
               "fig2": ("digits/fig2_vpre*.yaml", "observation/digits_fig2_vpre*.yaml"),
@@ -188,11 +248,97 @@ def plan(group: str, *, recipes: str, out: str, seeds: list[int], extra: tuple[s
     return jobs
 
 
+def raw_total_images(path: str, overrides: tuple[str, ...]) -> int:
+    """``train.total_images`` of a recipe read as YAML only (its base chain merged, the
+    overrides applied): no component is built and no data set has to exist."""
+    from mfrecipes.errors import MfrError
+    from mfrecipes.recipe.load import apply_overrides, load_raw
+
+    try:
+        raw = apply_overrides(load_raw(path), [o for o in overrides
+                                               if o.startswith("train.total_images=")])
+    except MfrError as err:
+        raise SystemExit(f"error: {path}: {err}") from err
+    total = (raw.get("train") or {}).get("total_images")
+    if not isinstance(total, int) or isinstance(total, bool) or total <= 0:
+        raise SystemExit(f"error: {path}: train.total_images is {total!r} after its base "
+                         "chain; the more_images control needs a positive integer there")
+    return total
+
+
+def _plan_testbed(group, add, jobs, *, recipes, out, seeds, extra):
+    """The test-bed groups (recipes/testbed/<dir>/); planned from the YAML files only."""
+    def each(*patterns, **kw):
+        for path in _globs(recipes, *patterns):
+            for s in seeds:
+                add(path, s, **kw)
+
+    def euler(name, path, seed, run_dir):
+        jobs.append(Job(group, name, path, run_dir, seed, kind="eval",
+                        eval_args=("--instantaneous", "--steps",
+                                   ",".join(map(str, TB_EULER_STEPS))),
+                        wants=tuple(f"eval/euler{k}/fd_exact" for k in TB_EULER_STEPS),
+                        after=(run_dir,)))
+
+    if group == "tb_controls":
+        path = os.path.join(recipes, TB_BASELINE)
+        if not os.path.isfile(path):
+            return jobs
+        for s in seeds:
+            add(path, s, folder="tb_table3")        # the baseline: Table 3's MeanFlow runs
+            for variant, ov in CONTROL_VARIANTS.items():
+                if ov is None:                      # more images, cadences unchanged
+                    base = (f"run.seed={s}", *extra)
+                    ov = (f"train.total_images={round(MORE_IMAGES * raw_total_images(path, base))}",)
+                add(path, s, ov, variant)
+    elif group in ("tb_table3", "tb_table4", "tb_fig3", "tb_fig4"):
+        each(f"testbed/{group[3:]}/*.yaml")
+    elif group == "tb_table5":
+        # no training: the Table 3 runs of the paper's Table 5 rows, and Euler on u(z, t, t)
+        for path in _globs(recipes, *(f"testbed/table3/{row}.yaml" for row in TABLE5_ROWS)):
+            for s in seeds:
+                run_dir = os.path.join(out, "tb_table3", f"{_stem(path)}-s{s}")
+                euler(_stem(path), path, s, run_dir)
+    elif group == "tb_fig2":
+        for setting in ("fixed_u", "fixed_total"):
+            for path in _globs(recipes, f"testbed/fig2/{setting}/*.yaml"):
+                for s in seeds:
+                    add(path, s, stem=f"{setting}_{_stem(path)}")
+    elif group == "tb_fig5":
+        ranges = ",".join(f"{a:g}:{b:g}" for a, b in TAS_RANGES)
+        for path in _globs(recipes, "testbed/fig5/*.yaml"):
+            for s in seeds:
+                add(path, s)
+                run_dir = jobs[-1].run_dir
+                jobs.append(Job(group, _stem(path), path, run_dir, s, kind="affinity",
+                                eval_args=("--gap-ranges", ranges, "--seed", str(s)),
+                                wants=TAS_METRICS, after=(run_dir,)))
+    elif group == "tb_cv":
+        for path in _globs(recipes, "testbed/cv/*.yaml"):
+            for s in seeds:
+                for b in BETA_CV:
+                    add(path, s, (f"{SWEEP_KEY}={b}",), f"beta{b:g}")
+    elif group == "tb_dmf":
+        fm = _globs(recipes, "testbed/dmf/flow_matching.yaml")
+        for s in seeds:
+            for path in fm:
+                add(path, s)
+            fm_dir = jobs[-1].run_dir if fm else None
+            for path in _globs(recipes, "testbed/dmf/dmf*.yaml"):
+                add(path, s, (f"init_from.path={fm_dir}",) if fm_dir else (),
+                    after=(fm_dir,) if fm_dir else ())
+            for path in _globs(recipes, "testbed/dmf/meanflow.yaml"):
+                add(path, s)
+    return jobs
+
+
 def euler_metrics(steps) -> tuple[str, ...]:
     return tuple(f"eval/euler{k}/fd_digits" for k in steps)
 
 
 def metrics_for(group: str) -> tuple[str, ...]:
+    if group in TB_GROUPS:
+        return tuple(dict.fromkeys(m for st in STUDIES[group] for m in st.metrics)) or (MAP1,)
     if group == "cv_sweep":
         return TOY_METRICS
     if group == "table5":
@@ -235,13 +381,130 @@ def is_complete(job: Job) -> bool:
 def command(job: Job) -> list[str]:
     if job.kind == "eval":
         return [sys.executable, "-m", "mfrecipes", "eval", job.run_dir, *job.eval_args]
+    if job.kind == "affinity":
+        return [sys.executable, os.path.abspath(__file__), "--affinity", job.run_dir,
+                *job.eval_args]
     return [sys.executable, "-m", "mfrecipes", "run", job.recipe, *job.overrides,
             "--out", job.run_dir]
 
 
-def report(group: str, jobs: list[Job], out: str) -> Optional[str]:
+def _trained(job: Job) -> bool:
+    """The run a job trains or reads has finished its training."""
+    return is_complete(job if job.kind == "train" else attrs.evolve(job, kind="train"))
+
+
+def _arms(jobs: list[Job], study: Optional[Study] = None) -> tuple[dict, list[str]]:
+    """``{arm: [run dirs]}`` of the finished runs of ``jobs`` (a study's arms), and the run
+    dirs left out because their training has not finished."""
+    arms: dict[str, list[str]] = {}
+    unfinished: list[str] = []
+    for j in jobs:
+        if study is not None and (not j.name.startswith(study.prefix)
+                                  or j.name in study.exclude):
+            continue
+        if any(j.run_dir in d for d in arms.values()) or j.run_dir in unfinished:
+            continue
+        if not os.path.isfile(os.path.join(j.run_dir, "recipe.resolved.yaml")):
+            continue
+        if _trained(j):
+            arms.setdefault(j.name, []).append(j.run_dir)
+        else:
+            unfinished.append(j.run_dir)
+    return arms, unfinished
+
+
+def controls_verdict(controls_jobs: list[Job]):
+    """The controls gate (mfrecipes.evaluate.paired.controls) on the finished control runs."""
+    from mfrecipes.evaluate.paired import controls
+
+    arms, _ = _arms(controls_jobs)
+    base = _stem(TB_BASELINE)
+    return controls(arms.get(base, []), *(arms.get(f"{base}-{v}", [])
+                                          for v in CONTROL_VARIANTS), metric=MAP1)
+
+
+def _write_csv(path: str, analyses: list[tuple[str, object]]) -> None:
+    import csv as csvmod
+
+    rows = []
+    for title, a in analyses:
+        for r in csvmod.DictReader(io.StringIO(a.csv())):
+            rows.append({"study": title, **r})
+    if not rows:
+        return
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csvmod.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def report_testbed(group: str, jobs: list[Job], out: str,
+                   controls_jobs: Optional[list[Job]] = None) -> Optional[str]:
+    """A test-bed group's report: the controls' verdict first, then each study's paired
+    analysis against its baseline (no claims unless the controls passed), into
+    OUT/<group>.md / .csv / .png (one png per study, the primary metric)."""
+    from mfrecipes.errors import MfrError
+    from mfrecipes.evaluate.compare import run_metrics
+    from mfrecipes.evaluate.paired import paired_analysis
+
+    if controls_jobs is None:
+        controls_jobs = jobs if group == "tb_controls" else []
+    gate = controls_verdict(controls_jobs)
+    lines = [f"# {group}", "", gate.markdown()]
+    if not controls_jobs:
+        lines.append("The controls were not planned with this report: run "
+                     "`tools/reproduce.py --only tb_controls` with the same --seeds and --out.\n")
+    analyses: list[tuple[str, object]] = []
+    pngs: list[tuple[str, object]] = []
+    left_out: list[str] = []
+    if group == "tb_controls":
+        if gate.analysis is not None:
+            analyses.append(("controls", gate.analysis))
+            pngs.append((os.path.join(out, group + ".png"), gate.analysis))
+    for k, study in enumerate(STUDIES[group]):
+        arms, unfinished = _arms(jobs, study)
+        left_out += unfinished
+        lines += [f"## {study.title}", ""]
+        if study.baseline not in arms:
+            lines.append(f"No finished run of the baseline `{study.baseline}` yet.\n")
+            continue
+        logged = set().union(*(run_metrics(d) for dirs in arms.values() for d in dirs))
+        for m, metric in enumerate(study.metrics):
+            if metric not in logged:
+                lines.append(f"`{metric}`: not logged by these runs.\n")
+                continue
+            try:
+                a = paired_analysis(arms, study.baseline, metric)
+            except MfrError as err:
+                lines.append(f"`{metric}`: {err}\n")
+                continue
+            lines += [f"### `{metric}`" + (" (primary)" if m == 0 else ""), "",
+                      a.markdown(claims=gate.passed)]
+            if gate.passed:
+                analyses.append((study.title, a))
+                if m == 0:
+                    suffix = "" if k == 0 else f"_{study.prefix.strip('_') or k}"
+                    pngs.append((os.path.join(out, f"{group}{suffix}.png"), a))
+    if left_out:
+        lines.append("Not finished, left out: "
+                     + ", ".join(os.path.basename(d) for d in left_out) + "\n")
+    os.makedirs(out, exist_ok=True)
+    base = os.path.join(out, group)
+    with open(base + ".md", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    _write_csv(base + ".csv", analyses)
+    for path, a in pngs:
+        a.plot(path, title=f"{group}: paired against {a.baseline}")
+    return base + ".md"
+
+
+def report(group: str, jobs: list[Job], out: str,
+           controls_jobs: Optional[list[Job]] = None) -> Optional[str]:
     """Compare the group's runs into OUT/<group>.md / .csv / .png; None if nothing to compare."""
     from mfrecipes.errors import MfrError
+
+    if group in TB_GROUPS:
+        return report_testbed(group, jobs, out, controls_jobs)
     from mfrecipes.evaluate.compare import compare
 
     # A run whose training has not finished is left out (its figures are from fewer images and
@@ -250,7 +513,7 @@ def report(group: str, jobs: list[Job], out: str) -> Optional[str]:
     dirs, unfinished = [], []
     for j in jobs:
         seen = j.run_dir in dirs or j.run_dir in unfinished
-        if seen or (j.kind == "eval" and j.run_dir in trains):
+        if seen or (j.kind != "train" and j.run_dir in trains):
             continue
         if not os.path.isfile(os.path.join(j.run_dir, "recipe.resolved.yaml")):
             continue
@@ -396,7 +659,35 @@ class Scheduler:
         return self.failed
 
 
+def affinity_main(argv: list[str]) -> int:
+    """``--affinity RUN_DIR --gap-ranges a:b,... --seed S``: the task-affinity score of the run's
+    final checkpoint per gap range, appended to its eval.jsonl as ``eval/tas/g<a>-<b>``."""
+    from mfrecipes.errors import MfrError
+    from mfrecipes.evaluate.task_affinity import parse_gap_ranges, task_affinity_run
+
+    p = argparse.ArgumentParser(prog="reproduce.py --affinity")
+    p.add_argument("run_dir")
+    p.add_argument("--gap-ranges", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        res = task_affinity_run(args.run_dir, gap_ranges=parse_gap_ranges(args.gap_ranges),
+                                seed=args.seed)
+    except MfrError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rec = {"images": int(res["images"]),
+           **{tas_metric(*r["gap_range"]): r["mean"] for r in res["results"]}}
+    with open(os.path.join(args.run_dir, "eval.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec))
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--affinity"]:
+        return affinity_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", help=f"comma-separated groups (default all: {','.join(GROUPS)})")
     p.add_argument("--seeds", default="0")
@@ -428,8 +719,15 @@ def main(argv=None) -> int:
         print(f"error: --jobs {args.jobs!r}: expected an integer >= 1", file=sys.stderr)
         return 2
     patterns = [g for g in args.select.split(",") if g.strip()]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        print(f"error: --only {','.join(unknown)}: unknown group; valid: {', '.join(GROUPS)}",
+              file=sys.stderr)
+        return 2
     by_group: dict[str, list[Job]] = {}
     to_run: list[Job] = []
+    planned: set[tuple] = set()
+    shares: set[str] = set()   # groups with a job another group runs (reported at the end)
     for group in groups:
         jobs = [j for j in plan(group, recipes=args.recipes, out=args.out, seeds=seeds,
                                 extra=tuple(args.set), full=args.full, scale=args.scale)
@@ -440,13 +738,23 @@ def main(argv=None) -> int:
             done = is_complete(job)
             state = "done, skip" if done else "to run"
             print(f"  [{state}] {job.kind} {job.run_dir}\n      {shlex.join(command(job)[1:])}")
-            if not done:
+            ident = (job.kind, job.run_dir, job.eval_args)
+            if ident in planned:
+                shares.add(group)
+            elif not done:
                 to_run.append(job)
+            planned.add(ident)
     if args.dry_run:
         return 0
+    tb_controls = None
 
     def group_done(group: str) -> None:
-        md = report(group, by_group[group], args.out)
+        nonlocal tb_controls
+        if group in TB_GROUPS and tb_controls is None:
+            tb_controls = plan("tb_controls", recipes=args.recipes, out=args.out, seeds=seeds,
+                               extra=tuple(args.set), full=args.full, scale=args.scale)
+        md = report(group, by_group[group], args.out,
+                    controls_jobs=tb_controls if group in TB_GROUPS else None)
         if md:
             print(f"  report: {md}", flush=True)
 
@@ -456,8 +764,9 @@ def main(argv=None) -> int:
         return 0
 
     failed = Scheduler(to_run, width=args.jobs, out=args.out, on_group_done=group_done).run()
-    for group in groups:   # groups with nothing left to run still get their report
-        if not any(j.group == group for j in to_run):
+    for group in groups:   # groups with nothing left to run still get their report, and
+        # groups that share a run with another group (written once that one has finished)
+        if group in shares or not any(j.group == group for j in to_run):
             group_done(group)
     if failed:
         print(f"{len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)

@@ -181,6 +181,8 @@ class ArmResult:
     reach: tuple[Optional[float], ...]     # images to the baseline's final value, per seed
     speedup: tuple[Optional[float], ...]   # baseline images / reach, per seed
     unpaired: tuple[str, ...] = ()         # run dirs of seeds the other side lacks
+    # reached at its first evaluation: the images are an upper bound, the speed-up a lower one
+    at_first: tuple[bool, ...] = ()
 
     @property
     def speedup_geomean(self) -> Optional[float]:
@@ -188,6 +190,17 @@ class ArmResult:
         if not ok or len(ok) != len(self.speedup):
             return None
         return math.exp(statistics.fmean(math.log(s) for s in ok))
+
+    def speedup_text(self) -> tuple[str, str]:
+        """(geometric mean, per seed) as text; ``>=`` where a seed reached the baseline's final
+        value at its first evaluation (a lower bound)."""
+        bound = any(self.at_first)
+        g = self.speedup_geomean
+        geo = "not reached" if g is None else f"{'>=' if bound else ''}{g:.3g}x"
+        first = self.at_first or (False,) * len(self.speedup)
+        per = ", ".join("not reached" if s is None else f"{'>=' if f else ''}{s:.3g}x"
+                        for s, f in zip(self.speedup, first))
+        return geo, per or "n/a"
 
     @property
     def reached(self) -> str:
@@ -256,7 +269,8 @@ class PairedAnalysis:
                 "diff_pct": _pct(a.stats.mean) if self.scale == "log" else None,
                 "final": a.final_mean, "final_diff": final_d,
                 "reached": a.reached, "speedup_geomean": g,
-                "speedup_per_seed": ";".join("not reached" if s is None else f"{s:.3g}"
+                "speedup_lower_bound": any(a.at_first),
+                "speedup_per_seed": ";".join("not reached" if s is None else f"{s:.6g}"
                                              for s in a.speedup)})
         return out
 
@@ -269,16 +283,15 @@ class PairedAnalysis:
             lines.append("_No claims: the controls did not pass (see above)._")
             return "\n".join(lines) + "\n"
         lines += ["| arm | seeds | difference | 95 % CI | MDE | verdict | final | "
-                  "final diff | reached base final | speed-up (geo. mean; per seed) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "final diff | reached base final | speed-up (geo. mean) | per seed |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for a, r in zip(self.arms, self.rows()):
-            g = "not reached" if r["speedup_geomean"] is None else f"{r['speedup_geomean']:.3g}x"
+            g, per = a.speedup_text()
             lines.append(
                 f"| {a.arm} | {r['seeds']} | {self._fmt_d(a.stats.mean)} | "
                 f"{self._fmt_ci(a.stats.ci)} | {self._fmt_mde(a.stats.mde)} | {r['verdict']} | "
                 f"{'' if a.final_mean is None else f'{a.final_mean:.4g}'} | "
-                f"{self._fmt_d(r['final_diff'])} | {a.reached} | {g}; "
-                f"{r['speedup_per_seed'] or 'n/a'} |")
+                f"{self._fmt_d(r['final_diff'])} | {a.reached} | {g} | {per} |")
         unpaired = [d for a in self.arms for d in a.unpaired]
         if unpaired:
             lines += ["", "Left out (no run of the same seed on the other side): "
@@ -290,7 +303,7 @@ class PairedAnalysis:
         buf = io.StringIO()
         cols = ["arm", "n", "seeds", "diff", "diff_pct", "ci_low", "ci_high", "sd", "mde",
                 "verdict", "final", "final_diff", "reached", "speedup_geomean",
-                "speedup_per_seed"]
+                "speedup_lower_bound", "speedup_per_seed"]
         w = csv.DictWriter(buf, fieldnames=["metric", "baseline", *cols])
         w.writeheader()
         for r in rows:
@@ -366,7 +379,8 @@ def paired_analysis(arms: dict[str, Sequence[str]], baseline: str, metric: str, 
     for name, runs in loaded.items():
         if name == baseline:
             continue
-        seeds, diffs, finals, fdiffs, reach, speed, unpaired = [], [], [], [], [], [], []
+        seeds, diffs, finals, fdiffs, reach, speed, unpaired, first = [], [], [], [], [], [], \
+            [], []
         for r in sorted(runs, key=lambda r: r.seed):
             b = base.get(r.seed)
             fig = primary_figure(r.points, r.total_images, scale=sc) if r.points else None
@@ -380,10 +394,11 @@ def paired_analysis(arms: dict[str, Sequence[str]], baseline: str, metric: str, 
             fdiffs.append(f(r.points[-1][1]) - f(b_final))
             at = images_to_reach(r.points, b_final, lower=lower, log=sc == "log")
             reach.append(at)
+            first.append(at is not None and at == r.points[0][0])
             speed.append(None if at is None or at <= 0 else b_images / at)
         results.append(ArmResult(name, tuple(seeds), tuple(diffs), paired_stats(diffs),
                                  statistics.fmean(finals) if finals else None, tuple(fdiffs),
-                                 tuple(reach), tuple(speed), tuple(unpaired)))
+                                 tuple(reach), tuple(speed), tuple(unpaired), tuple(first)))
     b_finals = [r.points[-1][1] for r in base.values()]
     return PairedAnalysis(metric, lower, sc, baseline, tuple(results),
                           statistics.fmean(b_finals) if b_finals else None)
