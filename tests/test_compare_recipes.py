@@ -156,9 +156,11 @@ def test_curve_labels_are_short_and_unambiguous():
                                  "loss_weighting.name": "loss_weighting.name"}
     row = {"run": "beta-s0 (+2)", "gap_schedule.name": "progressive",
            "gap_schedule.params.k": "1.0", "loss_weighting.name": "adaptive"}
-    assert _curve_label(row, keys) == "beta-s0 (+2)"   # too long: the run's name
+    assert _curve_label(row, keys) == "beta"   # too long: the arm's name, no seed or count
     assert _curve_label(row, ["gap_schedule.params.k"]) == "k=1.0"
     assert _curve_label({"run": "r", "x.k": "<unset>"}, ["x.k"]) == "r"
+    assert _curve_label({"run": "dtd_beta_s3"}, []) == "dtd_beta"
+    assert _curve_label({"run": "s1"}, []) == "s1"
 
 
 def test_tool_without_metric_picks_one_the_runs_have(runs, tmp_path, capsys):

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import statistics
 from typing import Any, Optional, Sequence
 
@@ -213,13 +214,20 @@ def _short_keys(keys: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _arm(run: str) -> str:
+    """A row's run label as an arm name: ``beta-s0 (+2)`` -> ``beta`` (the seed suffix and the
+    count of further seeds dropped)."""
+    return re.sub(r"[-_]s\d+$", "", re.sub(r" \(\+\d+\)$", "", run)) or run
+
+
 def _curve_label(row: dict, keys: Sequence[str], limit: int = 48) -> str:
-    """``k=0.5`` from the differing keys when that stays short, else the run's name."""
+    """``k=0.5`` from the differing keys when that stays short, else the arm's name (the run's
+    folder name without its seed suffix)."""
     if not keys:
-        return row["run"]
+        return _arm(row["run"])
     short = _short_keys(keys)
     label = ", ".join(f"{short[k]}={row[k]}" for k in keys if row[k] != "<unset>")
-    return label if label and len(label) <= limit else row["run"]
+    return label if label and len(label) <= limit else _arm(row["run"])
 
 
 def _label(run_dir: str) -> str:
