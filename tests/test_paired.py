@@ -249,3 +249,15 @@ def test_reached_at_the_first_evaluation_is_a_bound(tmp_path):
     assert res.reach[1] == pytest.approx(100 + 100 * math.log(0.8) / math.log(0.4))
     geo, per = res.speedup_text()
     assert geo.startswith(">=") and per.startswith(">=2x, ")
+
+
+def test_tool_defaults_to_the_primary_metric_and_names_bad_baselines(tmp_path, capsys):
+    tool = load_tool("compare_recipes")
+    dirs = [write_run(tmp_path, f"{arm}-s{s}", s, _curve(1.0 + s, f))
+            for arm, f in (("base", 1.0), ("arm", 0.9)) for s in (0, 1)]
+    assert tool.main([*dirs, "--baseline", "base"]) == 0
+    cap = capsys.readouterr()
+    assert "metric: eval/exact/map1 (the primary figure" in cap.err
+    assert "| arm | 0,1 | -0.1054 (-10.0 %) |" in cap.out
+    assert tool.main([*dirs, "--baseline", "nope"]) == 2
+    assert "baseline 'nope' is not one of the arms: arm, base" in capsys.readouterr().err

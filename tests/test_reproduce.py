@@ -404,3 +404,43 @@ def test_testbed_report_controls_gate(repro, tmp_path, broken_factor, passes):
         assert "cannot judge" in ctl_md and "cannot judge" in t3_md
         assert "| minsnr_beta |" not in t3_md and "No claims" in t3_md
         assert not os.path.exists(os.path.join(out, "tb_table3.png"))
+
+
+def test_only_testbed_expands_and_the_default_stays_digits(repro, tb_recipes, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert repro.main(["--only", "testbed", "--recipes", tb_recipes, "--out", out,
+                       "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert [g for g in repro.GROUPS if f"== {g}:" in text] == list(repro.TB_GROUPS)
+    assert repro.main(["--recipes", tb_recipes, "--out", out, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "== tb_" not in text and "== table3:" in text
+
+
+def test_affinity_job_writes_eval_jsonl(repro, tmp_path):
+    """The Fig. 5 job on a real tiny run: the score per gap range lands in eval.jsonl at the
+    checkpoint's images, the value mfrecipes.evaluate.task_affinity gives for the same seed,
+    and the job then counts as done."""
+    from mfrecipes.evaluate.task_affinity import task_affinity_run
+    from mfrecipes.recipe import load_recipe
+    from mfrecipes.train.loop import Trainer
+
+    from shared_parts import TOY_RECIPE
+
+    path = tmp_path / "toy.yaml"
+    path.write_text(TOY_RECIPE)
+    run_dir = str(tmp_path / "run")
+    recipe, data = load_recipe(str(path), ["train.total_images=640"])
+    Trainer(recipe, data, run_dir).run()
+    job = repro.Job("tb_fig5", "toy", str(path), run_dir, 3, ("train.total_images=640",),
+                    kind="affinity", eval_args=("--gap-ranges", "0.1:0.3,0.5:0.7", "--seed", "3"),
+                    wants=(repro.tas_metric(0.1, 0.3), repro.tas_metric(0.5, 0.7)))
+    assert not repro.is_complete(job)
+    assert repro.main(["--affinity", run_dir, *job.eval_args]) == 0
+    (rec,) = [json.loads(line) for line in open(os.path.join(run_dir, "eval.jsonl"))]
+    assert rec["images"] == 640 and set(job.wants) <= set(rec)
+    ref = task_affinity_run(run_dir, gap_ranges=[(0.1, 0.3), (0.5, 0.7)], seed=3)
+    assert rec["eval/tas/g0.10-0.30"] == pytest.approx(ref["results"][0]["mean"])
+    assert -1.0 <= rec["eval/tas/g0.50-0.70"] <= 1.0
+    assert repro.is_complete(job)
+    assert repro.main(["--affinity", str(tmp_path / "nothing"), "--gap-ranges", "0:1"]) == 2

@@ -33,6 +33,31 @@ metric of the group, seeds grouped as mean +- std, then every run on its own), `
 ``--dry-run`` prints the plan; ``--report-only`` writes the reports from the runs already there
 and runs nothing. Runs whose training has not finished are left out of a report and named in it.
 
+Test-bed groups (``--only testbed`` for all; not run by default), each over
+``recipes/testbed/<dir>/`` on the mixture data set with exact metrics, reported as paired
+per-seed differences against a named baseline (``mfrecipes.evaluate.paired``), behind the
+controls' verdict:
+
+- ``tb_controls``: the baseline ``testbed/table3/meanflow.yaml`` (its runs are ``tb_table3``'s)
+  and three variants of it: ``aa`` (``data.params.draw_salt=1``: must show no difference),
+  ``more_images`` (``train.total_images`` x 1.25: must be better), ``broken``
+  (``objective.params.tangent_h=0``: must be worse); every test-bed report starts with this
+  verdict and prints no claim unless all three pass with >= 2 paired seeds;
+- ``tb_table3``, ``tb_table4``, ``tb_fig3``, ``tb_fig4``: the folder's recipes (baselines
+  ``meanflow``, ``k1``, ``vnoise_k0``, ``vpre_only``; Fig. 4 judged by ``eval/exact/v_err``);
+- ``tb_table5``: no training: ``v_err`` of the ``tb_table3`` runs meanflow, minsnr_beta and
+  dtd_beta, and Euler on u(z, t, t) with 32 steps (``mfr eval --instantaneous``);
+- ``tb_fig2``: ``fig2/fixed_u/`` and ``fig2/fixed_total/``, each against its ``vpre00``;
+- ``tb_fig5``: ``fig5/*.yaml``, then the task-affinity score of each run's final checkpoint
+  on Fig. 5's four gap intervals, appended to its eval.jsonl as ``eval/tas/g<a>-<b>``
+  (baseline ``random``);
+- ``tb_cv``: ``cv/*.yaml`` with beta_cv in 0, 0.25, 0.5, 0.75, 1 (baseline beta 0);
+- ``tb_dmf``: ``dmf/flow_matching.yaml``, ``dmf/dmf*.yaml`` started from it and
+  ``dmf/meanflow.yaml`` for the same images in all (baseline ``meanflow``).
+
+A run two groups share (the controls' baseline) is trained once; a group that shares one is
+reported when the run finishes. The test-bed plans read the recipes as YAML only.
+
 ``--scale F`` multiplies every image count of a training run by F: the budget, each stage's
 images and the log, checkpoint and evaluation cadences (the components see training progress,
 not image counts, so curricula and schedules keep their shape). ``--select`` keeps the jobs whose
@@ -73,6 +98,7 @@ SWEEP_KEY = "objective.params.beta_cv"
 TB_BASELINE = "testbed/table3/meanflow.yaml"
 MAP1, V_ERR = "eval/exact/map1", "eval/exact/v_err"
 TB_METRICS = (MAP1, "eval/exact/map2", V_ERR, "eval/nfe1/fd_exact", "eval/nfe2/fd_exact")
+U_ERR = tuple(f"eval/exact/u_err/g{a:.2f}-{a + 0.25:.2f}" for a in (0.0, 0.25, 0.5, 0.75))
 TB_EULER_STEPS = (32,)
 MORE_IMAGES = 1.25          # the "more images" control: the baseline's budget x 1.25
 TAS_RANGES = ((0.1, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.9))   # Fig. 5's four gap intervals
@@ -102,9 +128,9 @@ class Study:
 
 STUDIES = {
     "tb_controls": (),   # the controls gate itself
-    "tb_table3": (Study("Table 3: components", "meanflow", TB_METRICS),),
+    "tb_table3": (Study("Table 3: components", "meanflow", TB_METRICS + U_ERR),),
     "tb_table4": (Study("Table 4: k of the progressive schedule (DTD + beta)", "k1",
-                        TB_METRICS),),
+                        TB_METRICS + U_ERR),),
     "tb_table5": (Study("Table 5: the instantaneous velocity of the Table 3 runs", "meanflow",
                         (V_ERR, *(f"eval/euler{k}/fd_exact" for k in TB_EULER_STEPS))),),
     "tb_fig2": (Study("Fig. 2 (top): fixed u budget", "fixed_u_vpre00", TB_METRICS,
@@ -689,7 +715,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["--affinity"]:
         return affinity_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", help=f"comma-separated groups (default all: {','.join(GROUPS)})")
+    p.add_argument("--only", help="comma-separated groups (default: the digits groups "
+                                  f"{','.join(DIGITS_GROUPS)}; the test bed's: "
+                                  f"{','.join(TB_GROUPS)}, or 'testbed' for all of them)")
     p.add_argument("--seeds", default="0")
     p.add_argument("--out", default=os.path.join("runs", "repro"))
     p.add_argument("--recipes", default="recipes", help="the recipes folder")
@@ -705,7 +733,10 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true",
                    help="run nothing; write each group's report from the runs already there")
     args = p.parse_args(argv)
-    groups = args.only.split(",") if args.only else list(GROUPS)
+    groups = [g.strip() for g in args.only.split(",") if g.strip()] if args.only \
+        else list(DIGITS_GROUPS)
+    groups = list(dict.fromkeys(x for g in groups
+                                for x in (TB_GROUPS if g == "testbed" else (g,))))
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
