@@ -444,3 +444,10 @@ def test_affinity_job_writes_eval_jsonl(repro, tmp_path):
     assert -1.0 <= rec["eval/tas/g0.50-0.70"] <= 1.0
     assert repro.is_complete(job)
     assert repro.main(["--affinity", str(tmp_path / "nothing"), "--gap-ranges", "0:1"]) == 2
+
+
+def test_testbed_report_of_nothing_writes_nothing(repro, tb_recipes, tmp_path):
+    out = str(tmp_path / "o")
+    jobs = repro.plan("tb_fig3", recipes=tb_recipes, out=out, seeds=[0])
+    assert repro.report("tb_fig3", jobs, out, controls_jobs=[]) is None
+    assert not os.path.exists(out)

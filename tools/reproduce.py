@@ -511,6 +511,9 @@ def report_testbed(group: str, jobs: list[Job], out: str,
                 if m == 0:
                     suffix = "" if k == 0 else f"_{study.prefix.strip('_') or k}"
                     pngs.append((os.path.join(out, f"{group}{suffix}.png"), a))
+    if gate.analysis is None and not analyses and not left_out and not any(
+            _arms(jobs, st)[0] for st in STUDIES[group]):
+        return None       # nothing of this group (nor of the controls) has run yet
     if left_out:
         lines.append("Not finished, left out: "
                      + ", ".join(os.path.basename(d) for d in left_out) + "\n")
