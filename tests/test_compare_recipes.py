@@ -52,6 +52,10 @@ def test_direction_and_threshold():
     assert lower_is_better("eval/nfe1/fid") and lower_is_better("eval/nfe2/swd")
     assert not lower_is_better("eval/nfe1/fid", "higher")
     assert not lower_is_better("accuracy")
+    # the exact metrics of the test bed: map error, velocity errors, per-gap-bin errors
+    assert all(lower_is_better(m) for m in ("eval/exact/map1", "eval/exact/v_err",
+                                            "eval/exact/u_err/g0.25-0.50"))
+    assert not lower_is_better("eval/tas/g0.10-0.30")   # an affinity (a cosine)
     pts = [(100, 30.0), (200, 20.0), (300, 10.0)]
     assert images_to_threshold(pts, 20.0) == 200
     assert images_to_threshold(pts, 5.0) is None
