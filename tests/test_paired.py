@@ -207,7 +207,8 @@ def test_tool_baseline_on_real_tiny_runs(tmp_path, capsys):
             d = tmp_path / f"{arm}-s{seed}"
             recipe, data = load_recipe(str(path), [
                 f"run.seed={seed}", f"train.lr={lr}", "train.total_images=1920",
-                "eval.every_images=640", "eval.at_end=true", "eval.nfe=[1]", "eval.num_samples=256"])
+                "eval.every_images=640", "eval.at_end=true", "eval.nfe=[1]",
+                "eval.num_samples=256"])
             Trainer(recipe, data, str(d)).run()
             dirs.append(str(d))
     tool = load_tool("compare_recipes")

@@ -314,8 +314,8 @@ def _plan_testbed(group, add, jobs, *, recipes, out, seeds, extra):
             add(path, s, folder="tb_table3")        # the baseline: Table 3's MeanFlow runs
             for variant, ov in CONTROL_VARIANTS.items():
                 if ov is None:                      # more images, cadences unchanged
-                    base = (f"run.seed={s}", *extra)
-                    ov = (f"train.total_images={round(MORE_IMAGES * raw_total_images(path, base))}",)
+                    total = raw_total_images(path, (f"run.seed={s}", *extra))
+                    ov = (f"train.total_images={round(MORE_IMAGES * total)}",)
                 add(path, s, ov, variant)
     elif group in ("tb_table3", "tb_table4", "tb_fig3", "tb_fig4"):
         each(f"testbed/{group[3:]}/*.yaml")
