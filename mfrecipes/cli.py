@@ -112,7 +112,8 @@ def _add_sample_eval(sub) -> None:
     e.add_argument("--num", type=int, default=None,
                    help="samples (default 50000 for FID, else the recipe's eval.num_samples)")
     e.add_argument("--ref", help="reference statistics .npz with mu, sigma (ADM's format)")
-    e.add_argument("--ref-shards", help="shard URL whose samples give the reference statistics")
+    e.add_argument("--ref-shards", help="shard URL whose samples give the reference statistics; "
+                                        "'train': the run's own training shards")
     e.add_argument("--ref-num", type=int, default=50_000, help="real samples for --ref-shards")
     e.add_argument("--save-ref", help="write the --ref-shards statistics to this .npz")
     e.add_argument("--mode", default="legacy_tensorflow",

@@ -207,3 +207,91 @@ def test_augmentation_needs_the_backbone_labels(archive, tmp_path):
     with pytest.raises(RecipeError, match="gives 6 conditioning labels but the backbone") as err:
         Trainer(recipe, data, str(tmp_path / "bad"))
     assert err.value.path == "backbone.params.augment_dim"
+
+
+# -- FID on CIFAR-10 (mfr eval) ------------------------------------------------------------------
+class _TinyFeatures(torch.nn.Module):
+    """A stand-in for the Inception file: a custom TorchScript extractor (no ``layers``), fed the
+    299 x 299 clean-mode batch in [0, 255]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 7, stride=5)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(x / 128 - 1)).mean(dim=(2, 3))   # [N, 5]
+
+
+def _frechet(a, b):  # float64, scipy's matrix square root: independent of clean-fid's
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
+
+
+def test_fid_against_the_training_shards(archive, tmp_path, capsys, monkeypatch):
+    """`mfr eval RUN --ref-shards train --mode clean --nfe 1 2`: reference statistics from all of
+    the run's training images (here the 30 of a fake archive), samples at 1 and 2 NFE; both FIDs
+    against features computed here from the archive itself and from `mfr sample`."""
+    from cleanfid.resize import build_resizer
+
+    from mfrecipes.cli import main
+    from mfrecipes.evaluate import fid as fidmod
+    from mfrecipes.train.loop import Trainer
+
+    recipe, data = _cpu_meanflow(archive, tmp_path, "train.checkpoint_every_images=16")
+    run = str(tmp_path / "run")
+    Trainer(recipe, data, run).run()
+    torch.manual_seed(0)
+    module = _TinyFeatures().eval()
+    weights = str(tmp_path / "tiny.pt")
+    torch.jit.script(module).save(weights)
+
+    def cli(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = cli("eval", run, "--ref-shards", "train", "--mode", "clean", "--nfe", "1,2",
+                         "--inception", weights, "--num", 24, "--save-ref", tmp_path / "ref.npz",
+                         "--json", "--device", "cpu")
+    assert code == 0, err
+    rec = json.loads(out)
+    assert rec["ref_num"] == 5 * PER_BATCH and rec["ref"].endswith("shard-{000000..000002}.tar")
+
+    resize = build_resizer("clean")
+
+    def feats(u8):                                    # [N, H, W, 3] uint8 -> [N, 5] float64
+        x = np.stack([np.asarray(resize(img), dtype=np.float32) for img in u8])
+        with torch.no_grad():
+            return module(torch.from_numpy(x).permute(0, 3, 1, 2)).double().numpy()
+
+    real, _ = read_cifar10_archive(archive[0], "train")      # uint8 [N, 3, 32, 32]
+    fr = feats(real.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(np.load(tmp_path / "ref.npz")["mu"], fr.mean(0), rtol=1e-5,
+                               atol=1e-7)
+    for nfe in (1, 2):
+        code, out, err = cli("sample", run, "--nfe", nfe, "--num", 24, "--out", tmp_path / "s",
+                             "--device", "cpu")
+        assert code == 0, err
+        fg = feats(np.load(json.loads(out)["npz"])["arr_0"])
+        assert rec[f"eval/nfe{nfe}/fid_clean"] == pytest.approx(_frechet(fg, fr), rel=1e-4)
+    assert rec["eval/nfe1/fid_clean"] != rec["eval/nfe2/fid_clean"]
+
+    # clean-fid's precomputed statistics name their mode: another mode is refused
+    np.savez(tmp_path / "cifar10_legacy_tensorflow_train_32.npz", mu=fr.mean(0),
+             sigma=np.cov(fr, rowvar=False))
+    code, _, err = cli("eval", run, "--ref", tmp_path / "cifar10_legacy_tensorflow_train_32.npz",
+                       "--mode", "clean", "--inception", weights, "--device", "cpu")
+    assert code == 2 and "computed in mode 'legacy_tensorflow', not 'clean'" in err
+
+    # no weights anywhere and no network: one error naming the file and where to put it
+    monkeypatch.setattr(fidmod, "_download", lambda url, dest: (_ for _ in ()).throw(
+        OSError("network is unreachable")))
+    monkeypatch.setattr(fidmod.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.delenv("MFR_INCEPTION", raising=False)
+    code, _, err = cli("eval", run, "--ref-shards", "train", "--mode", "clean", "--device", "cpu")
+    assert code == 2 and err.count("Error") <= 1
+    assert fidmod.INCEPTION_URL in err and "--inception PATH" in err
