@@ -112,6 +112,18 @@ def test_bad_params_are_recipe_errors():
     with pytest.raises(RecipeError, match=r"p must be in \[0.0, 1.0\]") as err:
         TRANSFORMS.build({"name": "edm_augment", "params": {"p": 1.5}}, where="train.augment")
     assert err.value.path == "train.augment.params"
+    # mfr check builds it, so a bad value fails there, with its key path
+    import os
+
+    from mfrecipes.recipe import load_recipe
+    from mfrecipes.recipe.build import check_recipe
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    recipe, _ = load_recipe(os.path.join(repo, "recipes", "cifar10", "meanflow.yaml"),
+                            ["train.augment.params.p=2"])
+    with pytest.raises(RecipeError, match="p must be in") as err:
+        check_recipe(recipe)
+    assert err.value.path == "train.augment.params"
     with pytest.raises(RecipeError, match="unknown parameter 'prob'"):
         TRANSFORMS.check_params({"name": "edm_augment", "params": {"prob": 0.1}},
                                 where="train.augment")
