@@ -112,7 +112,8 @@ def _add_sample_eval(sub) -> None:
     e.add_argument("--num", type=int, default=None,
                    help="samples (default 50000 for FID, else the recipe's eval.num_samples)")
     e.add_argument("--ref", help="reference statistics .npz with mu, sigma (ADM's format)")
-    e.add_argument("--ref-shards", help="shard URL whose samples give the reference statistics")
+    e.add_argument("--ref-shards", help="shard URL whose samples give the reference statistics; "
+                                        "'train': the run's own training shards")
     e.add_argument("--ref-num", type=int, default=50_000, help="real samples for --ref-shards")
     e.add_argument("--save-ref", help="write the --ref-shards statistics to this .npz")
     e.add_argument("--mode", default="legacy_tensorflow",
@@ -219,8 +220,11 @@ def cmd_list(args) -> int:
         for e in reg.entries():
             params = {k: ("<required>" if v is ... else v) for k, v in e.parameters().items()
                       if k not in reg.runtime_args}
-            rows.append({"name": e.name, "kind": kind, "origin": e.origin,
-                         "params": params, "summary": e.summary()})
+            row = {"name": e.name, "kind": kind, "origin": e.origin, "params": params,
+                   "summary": e.summary()}
+            if kind == "backbone":
+                row["parameters"] = _backbone_count(e)
+            rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=1, default=repr))
         return 0
@@ -231,11 +235,29 @@ def cmd_list(args) -> int:
     for col in ("kind", "name", "description", "parameters", "origin"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["kind"], r["name"], r["summary"],
+        summary = r["summary"]
+        if r.get("parameters"):
+            from mfrecipes.backbones import format_count
+
+            count, shape, classes = r["parameters"]
+            summary = (f"{summary} [{format_count(count)} params on {'x'.join(map(str, shape))}"
+                       f"{f', {classes} classes' if classes else ''}]")
+        table.add_row(r["kind"], r["name"], summary,
                       ", ".join(f"{k}={v!r}" for k, v in r["params"].items()),
                       f"[dim]{r['origin']}[/dim]")
     Console(width=max(160, Console().width)).print(table)
     return 0
+
+
+def _backbone_count(entry):
+    """``(parameters, input_shape, num_classes)`` of a built-in backbone with its defaults, from
+    the table the tests keep in step with the code (nothing is built), or None."""
+    from mfrecipes.backbones import KNOWN_COUNTS, counted_on
+
+    ref = counted_on(entry.name)
+    if not entry.origin.startswith("mfrecipes.") or ref is None or entry.name not in KNOWN_COUNTS:
+        return None
+    return KNOWN_COUNTS[entry.name], list(ref[0]), ref[1]
 
 
 def _allow_imports(args) -> None:

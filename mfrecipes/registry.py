@@ -39,6 +39,7 @@ __all__ = [
     "GAP_SCHEDULES",
     "DATASETS",
     "LOGGERS",
+    "TRANSFORMS",
     "ALL_REGISTRIES",
     "ensure_builtins",
 ]
@@ -229,6 +230,7 @@ LOSS_WEIGHTINGS = Registry("loss_weighting", runtime_args=("timestep_sampler",))
 GAP_SCHEDULES = Registry("gap_schedule", runtime_args=("timestep_sampler",))
 DATASETS = Registry("dataset", runtime_args=("seed", "rank", "world_size", "cache_dir"))
 LOGGERS = Registry("logger", runtime_args=("run_dir",))
+TRANSFORMS = Registry("transform")  # training-time data transforms (train.augment)
 
 ALL_REGISTRIES: dict[str, Registry] = {
     "backbone": BACKBONES,
@@ -238,6 +240,7 @@ ALL_REGISTRIES: dict[str, Registry] = {
     "gap_schedule": GAP_SCHEDULES,
     "dataset": DATASETS,
     "logger": LOGGERS,
+    "transform": TRANSFORMS,
 }
 
 _BUILTIN_PACKAGES = (

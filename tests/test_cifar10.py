@@ -159,3 +159,139 @@ def test_cpu_recipes_train_on_a_cifar_shaped_set(archive, tmp_path):
                 (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         losses = [r["loss"] for r in recs if "loss" in r]
         assert losses and all(np.isfinite(losses))
+
+
+# -- EDM augmentation through the trainer -------------------------------------------------------
+def _cpu_meanflow(archive, tmp_path, *overrides):
+    from mfrecipes.recipe import load_recipe
+
+    path, _ = archive
+    if not (tmp_path / "s").exists():
+        build_cifar10_shards(path, str(tmp_path / "s"), num_shards=3, log=lambda _: None)
+    urls = f"data.params.urls={tmp_path / 's' / 'shard-{000000..000002}.tar'}"
+    return load_recipe(os.path.join(RECIPES, "cpu", "meanflow.yaml"),
+                       [urls, "train.total_images=16", "train.checkpoint_every_images=null",
+                        "train.log_every_images=8", *overrides])
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in
+            (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def test_augmentation_reaches_the_unet_through_the_trainer(archive, tmp_path):
+    """cpu/meanflow.yaml (unet_tiny, augment_dim 6, edm_augment) trains; p = 0 gives the same
+    losses as no augmentation (the label planes add exactly nothing), p = 1 changes them, and the
+    same seed repeats them."""
+    from mfrecipes.train.loop import Trainer
+
+    runs = {}
+    for name, extra in (("p12", []), ("p12_again", []),
+                        ("p0", ["train.augment.params.p=0.0"]),
+                        ("p1", ["train.augment.params.p=1.0"]), ("off", ["train.augment=null"])):
+        recipe, data = _cpu_meanflow(archive, tmp_path, *extra)
+        out = Trainer(recipe, data, str(tmp_path / name)).run()
+        assert out["images"] == 16 and out["nonfinite"] == 0
+        runs[name] = _losses(tmp_path / name)
+    assert len(runs["off"]) == 2 and all(np.isfinite(runs["p12"]))
+    assert runs["p12"] == runs["p12_again"]
+    assert np.allclose(runs["p0"], runs["off"], rtol=1e-5, atol=0)
+    assert not np.allclose(runs["p1"], runs["off"], rtol=1e-3, atol=0)
+
+
+def test_augmentation_needs_the_backbone_labels(archive, tmp_path):
+    from mfrecipes.errors import RecipeError
+    from mfrecipes.train.loop import Trainer
+
+    recipe, data = _cpu_meanflow(archive, tmp_path, "backbone.params.augment_dim=0")
+    with pytest.raises(RecipeError, match="gives 6 conditioning labels but the backbone") as err:
+        Trainer(recipe, data, str(tmp_path / "bad"))
+    assert err.value.path == "backbone.params.augment_dim"
+
+
+# -- FID on CIFAR-10 (mfr eval) ------------------------------------------------------------------
+class _TinyFeatures(torch.nn.Module):
+    """A stand-in for the Inception file: a custom TorchScript extractor (no ``layers``), fed the
+    299 x 299 clean-mode batch in [0, 255]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 7, stride=5)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(x / 128 - 1)).mean(dim=(2, 3))   # [N, 5]
+
+
+def _frechet(a, b):  # float64, scipy's matrix square root: independent of clean-fid's
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
+
+
+def test_fid_against_the_training_shards(archive, tmp_path, capsys, monkeypatch):
+    """`mfr eval RUN --ref-shards train --mode clean --nfe 1 2`: reference statistics from all of
+    the run's training images (here the 30 of a fake archive), samples at 1 and 2 NFE; both FIDs
+    against features computed here from the archive itself and from `mfr sample`."""
+    from cleanfid.resize import build_resizer
+
+    from mfrecipes.cli import main
+    from mfrecipes.evaluate import fid as fidmod
+    from mfrecipes.train.loop import Trainer
+
+    recipe, data = _cpu_meanflow(archive, tmp_path, "train.checkpoint_every_images=16")
+    run = str(tmp_path / "run")
+    Trainer(recipe, data, run).run()
+    torch.manual_seed(0)
+    module = _TinyFeatures().eval()
+    weights = str(tmp_path / "tiny.pt")
+    torch.jit.script(module).save(weights)
+
+    def cli(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = cli("eval", run, "--ref-shards", "train", "--mode", "clean", "--nfe", "1,2",
+                         "--inception", weights, "--num", 24, "--save-ref", tmp_path / "ref.npz",
+                         "--json", "--device", "cpu")
+    assert code == 0, err
+    rec = json.loads(out)
+    assert rec["ref_num"] == 5 * PER_BATCH and rec["ref"].endswith("shard-{000000..000002}.tar")
+
+    resize = build_resizer("clean")
+
+    def feats(u8):                                    # [N, H, W, 3] uint8 -> [N, 5] float64
+        x = np.stack([np.asarray(resize(img), dtype=np.float32) for img in u8])
+        with torch.no_grad():
+            return module(torch.from_numpy(x).permute(0, 3, 1, 2)).double().numpy()
+
+    real, _ = read_cifar10_archive(archive[0], "train")      # uint8 [N, 3, 32, 32]
+    fr = feats(real.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(np.load(tmp_path / "ref.npz")["mu"], fr.mean(0), rtol=1e-5,
+                               atol=1e-7)
+    for nfe in (1, 2):
+        code, out, err = cli("sample", run, "--nfe", nfe, "--num", 24, "--out", tmp_path / "s",
+                             "--device", "cpu")
+        assert code == 0, err
+        fg = feats(np.load(json.loads(out)["npz"])["arr_0"])
+        assert rec[f"eval/nfe{nfe}/fid_clean"] == pytest.approx(_frechet(fg, fr), rel=1e-4)
+    assert rec["eval/nfe1/fid_clean"] != rec["eval/nfe2/fid_clean"]
+
+    # clean-fid's precomputed statistics name their mode: another mode is refused
+    np.savez(tmp_path / "cifar10_legacy_tensorflow_train_32.npz", mu=fr.mean(0),
+             sigma=np.cov(fr, rowvar=False))
+    code, _, err = cli("eval", run, "--ref", tmp_path / "cifar10_legacy_tensorflow_train_32.npz",
+                       "--mode", "clean", "--inception", weights, "--device", "cpu")
+    assert code == 2 and "computed in mode 'legacy_tensorflow', not 'clean'" in err
+
+    # no weights anywhere and no network: one error naming the file and where to put it
+    monkeypatch.setattr(fidmod, "_download", lambda url, dest: (_ for _ in ()).throw(
+        OSError("network is unreachable")))
+    monkeypatch.setattr(fidmod.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.delenv("MFR_INCEPTION", raising=False)
+    code, _, err = cli("eval", run, "--ref-shards", "train", "--mode", "clean", "--device", "cpu")
+    assert code == 2 and err.count("Error") <= 1
+    assert fidmod.INCEPTION_URL in err and "--inception PATH" in err

@@ -50,3 +50,38 @@ def test_wrong_type_says_expected_type(capsys):
     assert "omega must be a number, got str 'high'" in err and "not supported" not in err
     assert main(["check", QS, "timestep_sampler.params.mu=high"]) == 2
     assert "mu must be a number" in capsys.readouterr().err
+
+
+def test_list_shows_backbone_parameter_counts_without_building(capsys, monkeypatch):
+    import json
+
+    import torch
+
+    def refuse(*_a, **_k):
+        raise AssertionError("mfr list built a module")
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", refuse)
+    assert main(["list", "backbone"]) == 0
+    table = capsys.readouterr().out
+    row = table[table.index("unet_cifar10"):].split("│ backbone")[0]
+    assert "[55.9M params on 3x32x32]" in " ".join(line.strip("│ ") for line in row.splitlines())
+    assert main(["list", "backbone", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["unet_cifar10"]["parameters"] == [55_932_419, [3, 32, 32], None]
+    assert rows["dit_xl_2"]["parameters"][0] == 676_440_592
+
+
+def test_known_parameter_counts_match_the_code():
+    """The table ``mfr list`` prints is what the meta-device builds count today."""
+    from mfrecipes.backbones import KNOWN_COUNTS, counted_on, format_count, parameter_count
+    from mfrecipes.registry import BACKBONES
+
+    built_ins = [e for e in BACKBONES.entries() if e.origin.startswith("mfrecipes.")]
+    assert sorted(KNOWN_COUNTS) == sorted(e.name for e in built_ins)
+    for e in built_ins:
+        assert parameter_count(e.obj, *counted_on(e.name)) == KNOWN_COUNTS[e.name], e.name
+    # the U-Net on the real device, once: the meta count is the real count
+    assert sum(p.numel() for p in BACKBONES.get("unet_cifar10")(input_shape=(3, 32, 32))
+               .parameters()) == 55_932_419
+    assert [format_count(n) for n in (55_932_419, 676_440_592, 132_482, 999)] == \
+        ["55.9M", "676M", "132k", "999"]

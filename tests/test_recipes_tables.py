@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 import pytest
 
@@ -329,3 +330,35 @@ def test_no_recipe_text_claims_a_figure_is_missing_from_the_sources():
                         hits.append(os.path.relpath(os.path.join(root, name), RECIPES_DIR))
     assert not hits, hits
 
+
+
+def test_discrete_meanflow_figures_are_the_ones_its_summary_prints():
+    """The DMF paper's summary prints one CIFAR-10 figure, 3.36 for the DMF curriculum from a
+    pretrained flow model; it names DMF-dagger for ImageNet without a number. The README rows
+    and the recipes' comments say so and present no other figure as reported."""
+    with open(os.path.join(RECIPES_DIR, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    rows = {rel: [line for line in readme.splitlines()
+                  if line.startswith("|") and f"`{rel}`" in line]
+            for rel in ("cifar10/dmf.yaml", "cifar10/dmf_dagger.yaml")}
+    assert len(rows["cifar10/dmf.yaml"]) == 1 and "| 3.36 (" in rows["cifar10/dmf.yaml"][0]
+    (dagger,) = rows["cifar10/dmf_dagger.yaml"]
+    assert "gives no CIFAR-10 figure for DMF-dagger" in dagger
+    assert not re.search(r"\b\d+\.\d\d\b", dagger.split("|")[3]), dagger
+    others = [os.path.join(RECIPES_DIR, "README.md"), os.path.join(RECIPES_DIR, "cifar10"),
+              os.path.join(REPO, "datasets", "cifar10.md"),
+              os.path.join(REPO, "mfrecipes", "METHOD.md")]
+    texts = []
+    for path in others:
+        files = ([os.path.join(path, n) for n in os.listdir(path) if n.endswith(".yaml")]
+                 if os.path.isdir(path) else [path])
+        for name in files:
+            with open(name, encoding="utf-8") as f:
+                texts.append((name, f.read()))
+    for name, text in texts:
+        # the figures that circulated for DMF-dagger / MeanFlow-from-scratch / SiT-XL are
+        # nowhere in the summary
+        for figure in ("3.58", "3.85", "14.53"):
+            assert figure not in text, (name, figure)
+    dagger_yaml = dict(texts)[os.path.join(RECIPES_DIR, "cifar10", "dmf_dagger.yaml")]
+    assert "gives no CIFAR-10 figure for" in dagger_yaml

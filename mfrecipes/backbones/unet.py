@@ -276,8 +276,9 @@ def _register_size(size: str) -> None:
     settings = UNET_SIZES[size]
     name = f"unet_{size}"
 
-    def factory(*, input_shape: Sequence[int], num_classes: Optional[int] = None) -> SongUNet:
-        return SongUNet(input_shape, num_classes, **settings)
+    def factory(augment_dim: int = settings["augment_dim"], *, input_shape: Sequence[int],
+                num_classes: Optional[int] = None) -> SongUNet:
+        return SongUNet(input_shape, num_classes, **{**settings, "augment_dim": augment_dim})
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = _SUMMARIES[size]

@@ -215,9 +215,11 @@ def sample_run(run_dir: str, *, spec: SamplerSpec = SamplerSpec(1), weights: str
 
 
 def _reference_from_shards(url: str, *, n: int, seed: int, extractor, mode: str, device,
-                           batch_size: int, vae: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Feature statistics of ``n`` real samples of the shard set ``url`` (images in [-1, 1], or
-    latents decoded through the set's VAE)."""
+                           batch_size: int, vae: Optional[str]
+                           ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Feature statistics ``(mu, sigma, count)`` of ``n`` real samples of the shard set ``url``
+    (all of them when it holds fewer; images in [-1, 1], or latents decoded through the set's
+    VAE)."""
     from mfrecipes import registry
     from mfrecipes.evaluate.fid import FeatureStats, image_features
 
@@ -232,7 +234,28 @@ def _reference_from_shards(url: str, *, n: int, seed: int, extractor, mode: str,
     for lo in range(0, real.shape[0], BLOCK):
         acc.add(image_features(decoder.uint8(real[lo:lo + BLOCK]), extractor, mode=mode,
                                batch_size=batch_size, device=device))
-    return acc.stats()
+    return (*acc.stats(), int(real.shape[0]))
+
+
+# ``--ref-shards train``: the statistics of the run's own training shards (e.g. all 50,000
+# CIFAR-10 training images, the CIFAR-10 protocol of datasets/cifar10.md).
+TRAIN_SHARDS = "train"
+
+
+def _training_shards(recipe) -> str:
+    data = recipe.data
+    urls = data.params.get("urls") if data.name == "shards" else None
+    if not urls:
+        raise RecipeError(f"--ref-shards {TRAIN_SHARDS} needs a run trained on shards (data.name: "
+                          f"shards with data.params.urls); this run's data is {data.name!r}: pass "
+                          f"--ref-shards URL or --ref STATS.npz", path="--ref-shards")
+    if not isinstance(urls, str):
+        urls = " ".join(urls) if len(urls) == 1 else None
+        if urls is None:
+            raise RecipeError("--ref-shards train: the run's data.params.urls is a list of "
+                              "several patterns; pass one of them with --ref-shards URL",
+                              path="--ref-shards")
+    return urls
 
 
 def eval_run(run_dir: str, *, specs: Sequence[SamplerSpec] = (SamplerSpec(1),),
@@ -246,7 +269,8 @@ def eval_run(run_dir: str, *, specs: Sequence[SamplerSpec] = (SamplerSpec(1),),
     """Metrics of a checkpoint for each sampler in ``specs``; appended to ``RUN_DIR/eval.jsonl``.
 
     FID (clean-fid pipeline, ``mode``) when ``ref`` (an ``.npz`` of mu / sigma) or ``ref_shards``
-    (a shard URL, ``ref_num`` real samples) is given; the dataset's own metrics (digits Frechet
+    (a shard URL, ``ref_num`` real samples; ``"train"``: the run's own training shards, its
+    recipe's ``data.params.urls``) is given; the dataset's own metrics (digits Frechet
     distance, 2-D sliced Wasserstein) whenever it has some. Defaults: ``num`` 50,000 for FID,
     else the recipe's ``eval.num_samples``; ``seed`` the recipe's ``eval.seed``; labels uniform
     for FID (the protocol), else balanced (as the training loop evaluates).
@@ -261,6 +285,8 @@ def eval_run(run_dir: str, *, specs: Sequence[SamplerSpec] = (SamplerSpec(1),),
     dev = pick_device(device)
     run = load_run(run_dir, checkpoint=checkpoint, weights=weights, device=dev)
     info, ev = run.info, run.recipe.eval
+    if ref_shards == TRAIN_SHARDS:
+        ref_shards = _training_shards(run.recipe)
     want_fid = bool(ref or ref_shards)
     has_quality = (info.name in evaluate.QUALITY_BY_NAME
                    or info.modality in evaluate.QUALITY_BY_MODALITY)
@@ -285,12 +311,13 @@ def eval_run(run_dir: str, *, specs: Sequence[SamplerSpec] = (SamplerSpec(1),),
             mu_ref, sigma_ref = fidmod.load_ref_stats(ref, mode=mode)
         extractor = fidmod.load_extractor(mode, inception, device=dev, cache_dir=cache)
         if not ref:
-            mu_ref, sigma_ref = _reference_from_shards(
+            mu_ref, sigma_ref, got = _reference_from_shards(
                 ref_shards, n=ref_num, seed=0, extractor=extractor, mode=mode, device=dev,
                 batch_size=batch_size, vae=vae)
+            record["ref_num"] = got  # all of a set smaller than ref_num
             if save_ref:
                 fidmod.save_ref_stats(save_ref, mu_ref, sigma_ref, source=ref_shards,
-                                      mode=mode, num=ref_num)
+                                      mode=mode, num=got)
         record.update(mode=mode, ref=ref or ref_shards,
                       inception=fidmod.find_inception(inception, mode=mode, cache_dir=cache,
                                                       download=False))

@@ -222,12 +222,24 @@ class FeatureStats:
         return mu, sigma
 
 
+def _mode_from_name(path: str) -> Optional[str]:
+    """The mode in a clean-fid statistics file name, ``<name>_<mode>_<split>_<res>.npz`` (e.g.
+    ``cifar10_clean_train_32.npz``), or None."""
+    import re
+
+    m = re.fullmatch(r".+?_(clean|legacy_tensorflow|legacy_pytorch)_[a-z]+_[0-9a-z]+\.npz",
+                     os.path.basename(path).lower())
+    return m.group(1) if m else None
+
+
 def load_ref_stats(path: Union[str, os.PathLike], *, mode: Optional[str] = None
                    ) -> tuple[np.ndarray, np.ndarray]:
     """``(mu [D], sigma [D, D])`` from an ``.npz`` with ``mu``/``sigma`` (ADM's
     ``VIRTUAL_imagenet256_labeled.npz``, clean-fid's stats) or ``ref_mu``/``ref_sigma``.
 
-    Files written by :func:`save_ref_stats` record their mode; another ``mode`` is an error.
+    Files written by :func:`save_ref_stats` record their mode, and clean-fid's precomputed files
+    name it (``cifar10_clean_train_32.npz``: clean mode, the training set at 32 x 32); another
+    ``mode`` is an error.
     """
     path = os.fspath(path)
     try:
@@ -242,7 +254,7 @@ def load_ref_stats(path: Union[str, os.PathLike], *, mode: Optional[str] = None
         else:
             raise DataError(f"{path} holds {sorted(data.files)}; valid reference statistics have "
                             f"keys mu and sigma (or ref_mu and ref_sigma)", path="--ref")
-        made = str(data["mode"]) if "mode" in data.files else None
+        made = str(data["mode"]) if "mode" in data.files else _mode_from_name(path)
     if mode is not None and made is not None and made != mode:
         raise DataError(f"{path} was computed in mode {made!r}, not {mode!r}: FID needs both "
                         f"sides from the same pipeline; pass --mode {made} or recompute it",

@@ -70,6 +70,8 @@ def _check_single(recipe: Recipe) -> dict[str, Any]:
     from mfrecipes.train.log import logger_blocks
 
     logger_blocks(recipe.train.loggers)  # names, params, installed packages
+    if recipe.train.augment is not None:
+        registry.TRANSFORMS.build(recipe.train.augment.as_dict(), where="train.augment")  # cheap
     ds_entry = registry.DATASETS.entry(recipe.data.name, where="data.name")
     _check_attrs_params(ds_entry.obj, recipe.data.params, "data.params")
     info = _static_data_info(ds_entry.obj, recipe.data.params)

@@ -161,6 +161,9 @@ class TrainCfg:
     # Metric backends (the LOGGERS registry): names or {name, params} blocks; must include
     # jsonl. None = jsonl, plus tensorboard when it is installed. Checked by `mfr check`.
     loggers: Optional[tuple[Union[str, "ComponentCfg"], ...]] = None
+    # A training-time data transform (the TRANSFORMS registry), e.g. {name: edm_augment, params:
+    # {p: 0.12}}: its labels reach the backbone's augment_labels (data/augment.py).
+    augment: Optional["ComponentCfg"] = None
 
     def lr_at(self, images: int) -> float:
         """train.lr times the schedule's factor for the step that ends at ``images``."""

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from mfrecipes import registry
+from mfrecipes.data.augment import LabelChannels
 from mfrecipes.errors import CheckpointError, RecipeError, TrainingError
 from mfrecipes.recipe import build as rbuild
 from mfrecipes.recipe.schema import Recipe
@@ -119,12 +121,39 @@ class Trainer:
             params = {}
         self._objective_takes_generator = "generator" in params or any(
             p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self._enter_augment(st.recipe)
         self.sampler = parts["timestep_sampler"]
         self.loss_weighting = parts["loss_weighting"]
         self.gap_schedule = parts["gap_schedule"]
         self.engine.configure(st.recipe.train)
         self.stage_idx = idx
         self.stage = st
+
+    def _enter_augment(self, recipe: Recipe) -> None:
+        """The stage's ``train.augment`` transform, or None; its labels reach the backbone's
+        ``augment_labels`` through :class:`LabelChannels` (no objective needs to know)."""
+        self.augment = None
+        block = recipe.train.augment
+        if block is None:
+            return
+        self.augment = registry.TRANSFORMS.build(block.as_dict(), where="train.augment")
+        want = getattr(self.augment, "label_dim", None)
+        have = getattr(self.net, "augment_dim", None)
+        if len(self.info.sample_shape) != 3:
+            raise RecipeError(f"train.augment {block.name!r} needs image data (C, H, W), got "
+                              f"sample_shape {tuple(self.info.sample_shape)}",
+                              path="train.augment")
+        if have != want:
+            raise RecipeError(
+                f"train.augment {block.name!r} gives {want} conditioning labels but the backbone "
+                f"{recipe.backbone.name!r} takes {have if have is not None else 'none'}; set "
+                f"backbone.params.augment_dim: {want} (a backbone with augment_labels, e.g. unet)",
+                path="backbone.params.augment_dim")
+        if getattr(self.objective, "v_noise", 0):
+            # the corruption is drawn over every channel, the label planes included
+            raise RecipeError("train.augment cannot be combined with objective.params.v_noise "
+                              "> 0; valid: v_noise: 0", path="objective.params.v_noise")
+        self._aug_net = LabelChannels(self.net, self.info.sample_shape[0])
 
     def progress(self) -> float:
         st = self.stage
@@ -510,9 +539,15 @@ class Trainer:
             rows = slice(a * mb, (a + 1) * mb)
             t, r = t_all[rows], r_all[rows]
             noise = noise_all[rows].to(self.device)
+            net, ema_net = self.net, self.ema.module()
+            if self.augment is not None:
+                x, labels = self.augment(x, generator=self.streams.augment)
+                x, noise = LabelChannels.planes(x, labels), LabelChannels.planes(noise, labels)
+                net = self._aug_net
+                ema_net = None if ema_net is None else LabelChannels(ema_net, net.image_channels)
             with self.engine.autocast():
-                out = self.objective(self.net, x, y, t, r, noise, progress=progress,
-                                     ema_net=self.ema.module(), **extra)
+                out = self.objective(net, x, y, t, r, noise, progress=progress,
+                                     ema_net=ema_net, **extra)
             err = out.err.float()
             v_rows = ~out.is_average
             v_stats += torch.stack([torch.where(v_rows, err.detach(), 0.0).sum(),

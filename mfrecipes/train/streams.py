@@ -6,7 +6,8 @@ Each kind of draw in a training step has its own CPU ``torch.Generator``:
   for the global batch, each rank takes its rows);
 - ``noise``: the Gaussian noise e of ``z_t = (1 - t) x + t e`` (also the same on every rank);
 - ``objective``: every draw inside the objective: class dropout, v-target noise, the anchor's
-  delta (one stream per rank: ranks hold different rows).
+  delta (one stream per rank: ranks hold different rows);
+- ``augment``: the training-time data transform's draws (``train.augment``; per rank too).
 
 Nothing else draws from them: evaluation, sample grids and metric models use their own seeded
 generators and run inside ``torch.random.fork_rng``, so how often a run evaluates cannot change
@@ -23,8 +24,10 @@ from mfrecipes.errors import CheckpointError
 __all__ = ["RandomStreams", "STREAMS"]
 
 # Domain tags: different purposes get independent generators for the same run seed.
-STREAMS = {"timesteps": 0x4D4601, "noise": 0x4D4602, "objective": 0x4D4603}
+STREAMS = {"timesteps": 0x4D4601, "noise": 0x4D4602, "objective": 0x4D4603,
+           "augment": 0x4D4604}
 SHARED = ("timesteps", "noise")   # identical on every rank
+PER_RANK = ("objective", "augment")
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -32,13 +35,15 @@ def _generator(*keys: int) -> torch.Generator:
 
 
 class RandomStreams:
-    """``streams.timesteps``, ``streams.noise``, ``streams.objective``: CPU generators."""
+    """``streams.timesteps``, ``streams.noise``, ``streams.objective``, ``streams.augment``:
+    CPU generators."""
 
     def __init__(self, seed: int, rank: int = 0):
         self.seed, self.rank = int(seed), int(rank)
         self.timesteps = _generator(self.seed, STREAMS["timesteps"])
         self.noise = _generator(self.seed, STREAMS["noise"])
         self.objective = _generator(self.seed, STREAMS["objective"], self.rank)
+        self.augment = _generator(self.seed, STREAMS["augment"], self.rank)
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         """The rank-independent streams (saved once per checkpoint)."""
@@ -46,17 +51,23 @@ class RandomStreams:
 
     def rank_state(self) -> dict[str, torch.Tensor]:
         """This rank's own streams (saved per rank)."""
-        return {"objective": self.objective.get_state()}
+        return {k: getattr(self, k).get_state() for k in PER_RANK}
 
     def load_shared_state(self, state) -> None:
         self._load(state, SHARED)
 
     def load_rank_state(self, state) -> None:
-        self._load(state, ("objective",))
+        if isinstance(state, dict) and set(state) == {"objective"}:
+            # written before the augment stream existed (no run could augment then): it
+            # stays freshly seeded
+            self._load(state, ("objective",))
+            return
+        self._load(state, PER_RANK)
 
     def reseed_rank(self, salt: int) -> None:
         """Fresh per-rank streams (a resume onto another world size)."""
         self.objective = _generator(self.seed, STREAMS["objective"], self.rank, salt)
+        self.augment = _generator(self.seed, STREAMS["augment"], self.rank, salt)
 
     def _load(self, state, names) -> None:
         if not isinstance(state, dict) or set(state) != set(names):
