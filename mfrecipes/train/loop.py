@@ -353,7 +353,8 @@ class Trainer:
             images = decode_latents(z, self.info, device=self.device)
         except DataError as err:
             self._vae_missing = True
-            logger.info(f"warning: no sample grids for this latent run: {err}")
+            logger.warning(f"no sample grids for this latent run: {err}", images=self.images,
+                           step=self.step)
             return
         plots.save_image_grid(images, path)
 
@@ -401,11 +402,12 @@ class Trainer:
             init_note = self.init_weights()
         logger = RunLogger(self.run_dir, cfg.total_images, self.images, enabled=is_main,
                            progress_bar=cfg.progress_bar, loggers=cfg.loggers)
+        self.logger = logger  # warnings from inside a step reach the console and the backends
         if init_note:
             logger.info(f"initialised from {init_note}")
         if resumed:
             for note in self.resume_notes:
-                logger.info(f"warning: {note}")
+                logger.warning(note, images=self.images, step=self.step)
             logger.info(f"resumed from {self.images} images (step {self.step}); "
                         f"{self.resume_note}")
         else:
@@ -468,9 +470,10 @@ class Trainer:
             if ev.at_end and is_main:
                 result.update(self.evaluate(logger))
             if self.nonfinite and is_main:
-                logger.info(f"warning: {self.nonfinite} update(s) were skipped for a non-finite "
-                            f"loss or gradient (limit train.max_nonfinite="
-                            f"{cfg.max_nonfinite}); see 'nonfinite' in metrics.jsonl")
+                logger.warning(f"{self.nonfinite} update(s) were skipped for a non-finite "
+                               f"loss or gradient (limit train.max_nonfinite="
+                               f"{cfg.max_nonfinite}); see 'nonfinite' in metrics.jsonl",
+                               images=self.images, step=self.step)
         finally:
             logger.close()
         return {"images": self.images, "step": self.step, "nonfinite": self.nonfinite, **result}
@@ -485,6 +488,17 @@ class Trainer:
         if window["nw"]:
             out["sampler/watched_loss"] = window["watched"] / window["nw"]
         return out
+
+    def _warn(self, text: str) -> None:
+        """A warning at the current images and step, through the run logger (rank 0 only: the
+        logger of other ranks is disabled)."""
+        logger = getattr(self, "logger", None)
+        if logger is not None:
+            logger.warning(text, images=self.images, step=self.step)
+        elif self.engine.is_main:  # before the logger exists: Python's logging only
+            import logging
+
+            logging.getLogger(__name__).warning("%s", text)
 
     def _train_step(self, batches, mb: int, accum: int) -> tuple[float, dict, float]:
         progress = self.progress()
@@ -541,9 +555,8 @@ class Trainer:
             grad_norm = math.nan
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             self.nonfinite += 1
-            if self.engine.is_main:
-                print(f"warning: non-finite loss/gradient at {self.images} images "
-                      f"({self.nonfinite}/{max_nonfinite} allowed); update skipped", flush=True)
+            self._warn(f"non-finite loss/gradient at {self.images} images "
+                       f"({self.nonfinite}/{max_nonfinite} allowed); update skipped")
             if self.nonfinite > max_nonfinite:
                 raise TrainingError(
                     f"{self.nonfinite} non-finite losses by {self.images} images (limit "
