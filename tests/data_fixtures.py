@@ -51,6 +51,20 @@ def write_wds_shards(folder, n: int, per_shard: int, *, manifest: bool = True,
     return _write_tars(folder, n, per_shard, sample, header if manifest else None)
 
 
+def write_class_blobs(folder, n: int, per_shard: int) -> list[str]:
+    """Conditional 2-D points: sample ``i`` of class ``i % 10`` lies near the ``i % 10``-th of
+    ten points on a circle of radius 3 (noise 0.3); shards with a manifest of 10 classes."""
+    def sample(i):
+        rng = np.random.default_rng(i)
+        angle = 2 * np.pi * (i % 10) / 10
+        centre = 3 * np.array([np.cos(angle), np.sin(angle)])
+        return {"x.npy": (centre + 0.3 * rng.standard_normal(2)).astype(np.float32)}
+
+    header = {"created_by": "test", "name": "blobs", "key": "x.npy", "modality": "points",
+              "sample_shape": [2], "num_classes": 10}
+    return _write_tars(folder, n, per_shard, sample, header)
+
+
 def ids(x: torch.Tensor) -> list[int]:
     """Sample indices of a batch ``x [B, 2]`` written by ``write_wds_shards``."""
     assert torch.equal(x[:, 1], -x[:, 0])

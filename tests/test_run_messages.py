@@ -183,3 +183,65 @@ def test_show_and_the_record_fill_in_logger_defaults(tmp_path, capsys, param_log
     history = [__import__("json").loads(line) for line in
                (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert history[-1]["changed"] == {"train.total_images": {"from": 320, "to": 384}}
+
+
+# -- pictures that explain themselves: scatter plots and latent grids ------------------------------
+def test_scatter_of_a_conditional_run_has_the_title_and_one_colour_per_class(tmp_path,
+                                                                           monkeypatch):
+    from data_fixtures import write_class_blobs
+    from mfrecipes import plots
+
+    write_class_blobs(tmp_path / "blobs", 400, 100)
+    (tmp_path / "r.yaml").write_text(f"""
+run: {{name: blobs, seed: 1}}
+data: {{name: shards, params: {{urls: "{tmp_path}/blobs/shard-{{000000..000003}}.tar"}}}}
+backbone: {{name: mlp, params: {{hidden: 16, depth: 2}}}}
+train: {{total_images: 128, global_batch_size: 64, ema_decays: [0.9], progress_bar: false}}
+eval: {{at_end: true, nfe: [1, 2], num_samples: 200}}
+""")
+    calls, figures = [], []
+    real_scatter, real_save = plots.save_scatter, plots._save_figure
+
+    def scatter(points, path, **kw):
+        calls.append((points.shape, kw))
+        return real_scatter(points, path, **kw)
+
+    def save(fig, path):
+        figures.append(fig)
+        return real_save(fig, path)
+    monkeypatch.setattr(plots, "save_scatter", scatter)
+    monkeypatch.setattr(plots, "_save_figure", save)
+    recipe, data = load_recipe(str(tmp_path / "r.yaml"))
+    Trainer(recipe, data, str(tmp_path / "run")).run()
+    assert [kw["title"] for _, kw in calls] == ["blobs | 1-NFE | 128 images | EMA ema_0.9",
+                                                "blobs | 2-NFE | 128 images | EMA ema_0.9"]
+    for (shape, kw), fig in zip(calls, figures):
+        assert kw["labels"].tolist() == [i % 10 for i in range(shape[0])]  # balanced labels
+        ax = fig.axes[0]
+        assert ax.get_title() == kw["title"]
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert legend == ["reference"] + [f"class {c}" for c in range(10)]
+        colours = {tuple(c.get_facecolor()[0][:3]) for c in ax.collections[1:]}
+        assert len(colours) == 10  # one colour per class, none the reference's grey
+        assert tuple(ax.collections[0].get_facecolor()[0][:3]) not in colours
+
+
+def test_scatter_without_labels_is_one_sample_colour_and_names_classes_when_given(tmp_path,
+                                                                                monkeypatch):
+    import torch
+
+    from mfrecipes import plots
+
+    figures = []
+    real_save = plots._save_figure
+    monkeypatch.setattr(plots, "_save_figure", lambda fig, path: (figures.append(fig),
+                                                                  real_save(fig, path))[1])
+    pts = torch.randn(30, 2)
+    plots.save_scatter(pts, tmp_path / "a.png", title="t")
+    plots.save_scatter(pts, tmp_path / "b.png", labels=[0, 2] * 15, class_names=["cat", "x",
+                                                                                "dog"])
+    assert figures[0].axes[0].get_legend() is None and len(figures[0].axes[0].collections) == 1
+    assert [t.get_text() for t in figures[1].axes[0].get_legend().get_texts()] == [
+        "class cat", "class dog"]
+    with pytest.raises(ValueError, match="3 labels for 30 points"):
+        plots.save_scatter(pts, tmp_path / "c.png", labels=[0, 1, 2])

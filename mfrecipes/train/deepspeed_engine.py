@@ -403,3 +403,4 @@ class DeepSpeedEngine:
         for i, p in enumerate(self.module.parameters()):
             for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(p, full["state"][i][key].to(self.device), key)
+        return True

@@ -314,25 +314,24 @@ class Trainer:
         record: dict[str, float] = {}
         for nfe in ev.nfe:
             n = max(ev.num_samples, ev.grid_size)
-            x, _ = generate.generate(net, self.info, n, nfe=nfe, seed=ev.seed, device=self.device,
+            x, y = generate.generate(net, self.info, n, nfe=nfe, seed=ev.seed, device=self.device,
                                      labels="balanced")
             x = x.float().cpu()
             stem = os.path.join(out_dir, f"nfe{nfe}-img{self.images:012d}.png")
+            title = self._picture_title(nfe)
+            k = self.info.num_classes
+            g = ev.grid_size if not k else max(k, ev.grid_size // k * k)  # whole class rows
             if self.info.modality == "points":
                 plots.save_scatter(x, stem, reference=self.dataset.reference(n, ev.seed),
-                                   title=f"{self.recipe.run.name}: {nfe}-NFE, "
-                                         f"{self.images} images")
+                                   title=title, labels=None if y is None else y.cpu())
             elif self.info.modality == "image":
-                k = self.info.num_classes
-                g = ev.grid_size if not k else max(k, ev.grid_size // k * k)  # whole class rows
                 grid = plots.labelled_grid(
                     x[:g], ncol=k or None, labels=None if not k else list(range(k)),
-                    title=f"{self.recipe.run.name} | {nfe}-NFE | {self.images:,} images | "
-                          f"EMA {next(iter(self.ema.shadows), 'none')}")
+                    title=title)
                 plots.save_png(grid, stem)  # one column per class
                 logger.image(f"samples/nfe{nfe}", grid, self.images)
             elif self.info.modality == "latent":
-                self._save_latent_grid(x[:ev.grid_size], stem, logger)
+                self._save_latent_grid(x[:g], stem, logger, nfe=nfe)
             quality = evaluate.quality(self.dataset, x[:ev.num_samples],
                                        cache_dir=rbuild.default_cache_dir(self.recipe),
                                        seed=ev.seed)
@@ -341,8 +340,15 @@ class Trainer:
         logger.log({"images": self.images, "step": self.step, **record})
         return record
 
-    def _save_latent_grid(self, z: torch.Tensor, path: str, logger: RunLogger) -> None:
-        """Decode latents through the dataset's VAE for the grid; without one, say so once."""
+    def _picture_title(self, nfe: int) -> str:
+        """The title line of every sample picture: run, steps, images seen, weights."""
+        return (f"{self.recipe.run.name} | {nfe}-NFE | {self.images:,} images | "
+                f"EMA {next(iter(self.ema.shadows), 'none')}")
+
+    def _save_latent_grid(self, z: torch.Tensor, path: str, logger: RunLogger, *,
+                          nfe: int = 1) -> None:
+        """Decode latents through the dataset's VAE for the grid (titled, one column per
+        class as the image grids); without a VAE, say so once."""
         from mfrecipes import plots
         from mfrecipes.data.vae import decode_latents
         from mfrecipes.errors import DataError
@@ -356,7 +362,12 @@ class Trainer:
             logger.warning(f"no sample grids for this latent run: {err}", images=self.images,
                            step=self.step)
             return
-        plots.save_image_grid(images, path)
+        k = self.info.num_classes
+        grid = plots.labelled_grid(images, ncol=k or None,
+                                   labels=None if not k else list(range(k)),
+                                   title=self._picture_title(nfe))
+        plots.save_png(grid, path)
+        logger.image(f"samples/nfe{nfe}", grid, self.images)
 
     # -- the loop -------------------------------------------------------------------------------
     def _lock(self) -> None:
