@@ -126,8 +126,9 @@ def _add_sample_eval(sub) -> None:
     e.add_argument("--json", action="store_true", help="print the record as JSON")
 
 
-def _resolve_recipe_arg(path: str, overrides: Sequence[str]):
-    """A recipe file, or a run directory (its recipe.resolved.yaml)."""
+def _resolve_recipe_arg(path: str, overrides: Sequence[str], *, resume: bool = False):
+    """A recipe file, or a run directory (its recipe.resolved.yaml). ``resume``: the recorded
+    credentials (``***``) are dropped, to come from the environment or an override."""
     from mfrecipes.recipe import load_recipe
     from mfrecipes.train.rundir import RESOLVED
 
@@ -136,10 +137,12 @@ def _resolve_recipe_arg(path: str, overrides: Sequence[str]):
         if not os.path.isfile(resolved):
             raise RecipeError(f"{path} is a directory but not a run directory (no {RESOLVED}); "
                               f"pass a recipe .yaml file or a run directory")
-        from mfrecipes.train.rundir import load_for_resume
+        if resume:
+            from mfrecipes.train.rundir import load_for_resume
 
-        # Recorded credentials are *** : dropped, to come from the environment or an override.
-        recipe, data, _ = load_for_resume(path, list(overrides))
+            recipe, data, _ = load_for_resume(path, list(overrides))
+        else:  # check / show: the record as it is (credentials shown as ***)
+            recipe, data = load_recipe(resolved, overrides)
         return recipe, data, path
     if not path.endswith((".yaml", ".yml")) and not os.path.exists(path):
         raise RecipeError(f"recipe {path!r} does not exist (expected a .yaml file or a run "
@@ -205,7 +208,7 @@ def cmd_run(args) -> int:
     from mfrecipes.train import rundir
     from mfrecipes.train.loop import train
 
-    recipe, data, run_dir = _resolve_recipe_arg(args.recipe, args.overrides)
+    recipe, data, run_dir = _resolve_recipe_arg(args.recipe, args.overrides, resume=True)
     missing = []  # credentials the record holds as *** and no override gave again
     if run_dir is not None:
         missing = rundir.load_for_resume(run_dir, list(args.overrides))[2]

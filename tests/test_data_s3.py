@@ -299,6 +299,11 @@ def _started_run(auth_server, tmp_path, capsys, monkeypatch):
     assert code == 0, err
     recorded = (run_dir / "recipe.resolved.yaml").read_text()
     assert "key: '***'" in recorded and "secret: '***'" in recorded and secret not in recorded
+    from mfrecipes.cli import main
+
+    assert main(["show", str(run_dir)]) == 0  # show keeps the record's placeholders
+    shown = capsys.readouterr().out
+    assert "key: '***'" in shown and secret not in shown
     return run_dir
 
 
