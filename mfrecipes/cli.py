@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Sequence
 
-from mfrecipes.errors import MfrError, RecipeError
+from mfrecipes.errors import DataError, MfrError, RecipeError
 
 EXIT_USER_ERROR = 2
 
@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a recipe without training")
     check.add_argument("recipe")
     check.add_argument("overrides", nargs="*")
+    check.add_argument("--world-size", type=int, default=None, metavar="N",
+                       help="ranks the run will have (torchrun/deepspeed): the global batch "
+                            "must split over them (default: $WORLD_SIZE, else 1)")
 
     show = sub.add_parser("show", help="print the resolved recipe, every component parameter "
                                        "with its value (defaults filled in)")
@@ -124,8 +127,9 @@ def _add_sample_eval(sub) -> None:
     e.add_argument("--json", action="store_true", help="print the record as JSON")
 
 
-def _resolve_recipe_arg(path: str, overrides: Sequence[str]):
-    """A recipe file, or a run directory (its recipe.resolved.yaml)."""
+def _resolve_recipe_arg(path: str, overrides: Sequence[str], *, resume: bool = False):
+    """A recipe file, or a run directory (its recipe.resolved.yaml). ``resume``: the recorded
+    credentials (``***``) are dropped, to come from the environment or an override."""
     from mfrecipes.recipe import load_recipe
     from mfrecipes.train.rundir import RESOLVED
 
@@ -134,7 +138,12 @@ def _resolve_recipe_arg(path: str, overrides: Sequence[str]):
         if not os.path.isfile(resolved):
             raise RecipeError(f"{path} is a directory but not a run directory (no {RESOLVED}); "
                               f"pass a recipe .yaml file or a run directory")
-        recipe, data = load_recipe(resolved, overrides)
+        if resume:
+            from mfrecipes.train.rundir import load_for_resume
+
+            recipe, data, _ = load_for_resume(path, list(overrides))
+        else:  # check / show: the record as it is (credentials shown as ***)
+            recipe, data = load_recipe(resolved, overrides)
         return recipe, data, path
     if not path.endswith((".yaml", ".yml")) and not os.path.exists(path):
         raise RecipeError(f"recipe {path!r} does not exist (expected a .yaml file or a run "
@@ -143,15 +152,29 @@ def _resolve_recipe_arg(path: str, overrides: Sequence[str]):
     return recipe, data, None
 
 
+def _env_world_size() -> int:
+    """The launcher's ``WORLD_SIZE`` (torchrun, deepspeed), else 1."""
+    raw = os.environ.get("WORLD_SIZE", "").strip()
+    if not raw:
+        return 1
+    try:
+        return int(raw)
+    except ValueError:
+        raise RecipeError(f"the WORLD_SIZE environment variable must be an integer, got "
+                          f"{raw!r}", path="WORLD_SIZE") from None
+
+
 def cmd_check(args) -> int:
-    from mfrecipes.recipe.build import check_recipe
+    from mfrecipes.recipe.build import check_recipe, check_world_size
 
     import warnings
 
     recipe, _, _ = _resolve_recipe_arg(args.recipe, args.overrides)
+    world = args.world_size if args.world_size is not None else _env_world_size()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         parts = check_recipe(recipe)
+        check_world_size(recipe, world)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     print(f"ok: {args.recipe} ({recipe.run.name}: {recipe.data.name} -> {recipe.backbone.name}, "
@@ -182,11 +205,14 @@ def cmd_show(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from mfrecipes.recipe.build import check_recipe
+    from mfrecipes.recipe.build import check_recipe, check_world_size
     from mfrecipes.train import rundir
     from mfrecipes.train.loop import train
 
-    recipe, data, run_dir = _resolve_recipe_arg(args.recipe, args.overrides)
+    recipe, data, run_dir = _resolve_recipe_arg(args.recipe, args.overrides, resume=True)
+    missing = []  # credentials the record holds as *** and no override gave again
+    if run_dir is not None:
+        missing = rundir.load_for_resume(run_dir, list(args.overrides))[2]
     if run_dir is None:
         run_dir = args.out or recipe.run.out_dir or os.path.join("runs", recipe.run.name)
     elif args.out and os.path.abspath(args.out) != os.path.abspath(run_dir):
@@ -196,7 +222,15 @@ def cmd_run(args) -> int:
     if old is not None:  # a resume: only keys that may change differ (checked again, locked)
         rundir.resume_changes(old, data)
     check_recipe(recipe, for_run=True)  # fail before any heavy work
-    result = train(recipe, data, run_dir, init_missing_ema=args.init_missing_ema)
+    if recipe.engine == "deepspeed":  # the launcher's ranks split the global batch
+        check_world_size(recipe, _env_world_size())
+    try:
+        result = train(recipe, data, run_dir, init_missing_ema=args.init_missing_ema)
+    except DataError as err:
+        hint = rundir.credentials_hint(err, missing)
+        if hint is None:
+            raise
+        raise DataError(f"{err.message}\n  {hint}", path=err.path) from err
     if int(os.environ.get("RANK", "0")) == 0:  # launched on several ranks: rank 0 reports
         print(json.dumps({"run_dir": run_dir, **result}))
     return 0

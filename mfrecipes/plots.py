@@ -140,11 +140,15 @@ def _save_figure(fig, path: PathLike) -> Path:
 
 def save_scatter(points: torch.Tensor, path: PathLike, reference: Optional[torch.Tensor] = None,
                  title: Optional[str] = None, *,
-                 limits: Optional[tuple[float, float]] = None) -> Path:
+                 limits: Optional[tuple[float, float]] = None,
+                 labels: Optional[Sequence[int]] = None,
+                 class_names: Optional[Sequence[str]] = None) -> Path:
     """Scatter ``points [N, 2]`` (and ``reference [M, 2]`` underneath, in grey) to a PNG.
 
     Both axes share ``limits`` (default: a square covering both sets with a 5 % margin), so the
-    two sets and successive figures of one run are drawn on the same scale.
+    two sets and successive figures of one run are drawn on the same scale. ``labels`` (one
+    class per point, a conditional model's): each class in its own colour, named in the legend
+    (``class_names``, else the class number).
     """
     p = np.asarray(torch.as_tensor(points).detach().cpu().float().numpy()).reshape(-1, 2)
     ref = None if reference is None else (
@@ -159,12 +163,31 @@ def save_scatter(points: torch.Tensor, path: PathLike, reference: Optional[torch
     ax = fig.add_subplot(1, 1, 1)
     if ref is not None:
         ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.7", alpha=0.5, linewidths=0, label="reference")
-    ax.scatter(p[:, 0], p[:, 1], s=2, c="tab:blue", alpha=0.6, linewidths=0, label="samples")
+    if labels is None:
+        ax.scatter(p[:, 0], p[:, 1], s=2, c="tab:blue", alpha=0.6, linewidths=0,
+                   label="samples")
+    else:
+        from matplotlib import colormaps
+
+        lab = np.asarray(torch.as_tensor(labels).cpu()).reshape(-1).astype(np.int64)
+        if len(lab) != len(p):
+            raise ValueError(f"save_scatter: {len(lab)} labels for {len(p)} points")
+        classes = sorted(set(lab.tolist()))
+        # Qualitative colours with black for their grey (the reference is grey).
+        colours = ([colormaps["tab10"](i) if i != 7 else "black" for i in range(10)]
+                   if len(classes) <= 10 else
+                   [colormaps["tab20"](i) for i in range(20) if i not in (14, 15)] + ["black"])
+        for i, cls in enumerate(classes):
+            name = class_names[cls] if class_names and 0 <= cls < len(class_names) else str(cls)
+            sel = lab == cls
+            ax.scatter(p[sel, 0], p[sel, 1], s=2, color=colours[i % len(colours)], alpha=0.7,
+                       linewidths=0, label=f"class {name}")
     ax.set_xlim(*limits)
     ax.set_ylim(*limits)
     ax.set_aspect("equal")
-    if ref is not None:
-        ax.legend(loc="upper right", markerscale=4, fontsize="small")
+    if ref is not None or labels is not None:
+        ax.legend(loc="upper right", markerscale=4, fontsize="x-small" if labels is not None
+                  else "small")
     if title:
         ax.set_title(title)
     return _save_figure(fig, path)

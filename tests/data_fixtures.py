@@ -51,6 +51,20 @@ def write_wds_shards(folder, n: int, per_shard: int, *, manifest: bool = True,
     return _write_tars(folder, n, per_shard, sample, header if manifest else None)
 
 
+def write_class_blobs(folder, n: int, per_shard: int) -> list[str]:
+    """Conditional 2-D points: sample ``i`` of class ``i % 10`` lies near the ``i % 10``-th of
+    ten points on a circle of radius 3 (noise 0.3); shards with a manifest of 10 classes."""
+    def sample(i):
+        rng = np.random.default_rng(i)
+        angle = 2 * np.pi * (i % 10) / 10
+        centre = 3 * np.array([np.cos(angle), np.sin(angle)])
+        return {"x.npy": (centre + 0.3 * rng.standard_normal(2)).astype(np.float32)}
+
+    header = {"created_by": "test", "name": "blobs", "key": "x.npy", "modality": "points",
+              "sample_shape": [2], "num_classes": 10}
+    return _write_tars(folder, n, per_shard, sample, header)
+
+
 def ids(x: torch.Tensor) -> list[int]:
     """Sample indices of a batch ``x [B, 2]`` written by ``write_wds_shards``."""
     assert torch.equal(x[:, 1], -x[:, 0])
@@ -90,10 +104,24 @@ s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{staging_port}")
 s3.create_bucket(Bucket=bucket)
 for key, path in uploads.items():
     s3.upload_file(path, bucket, key)
+credentials = []
+if len(sys.argv) > 4 and sys.argv[4] == "auth":
+    # A bucket that requires credentials: one IAM user may read and write S3; once the real
+    # port opens, moto checks every request's signature against that user's key.
+    from moto import settings
+
+    iam = boto3.client("iam", endpoint_url=f"http://127.0.0.1:{staging_port}")
+    iam.create_user(UserName="reader")
+    iam.put_user_policy(UserName="reader", PolicyName="s3", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*",
+                                                 "Resource": "*"}]}))
+    made = iam.create_access_key(UserName="reader")["AccessKey"]
+    credentials = [made["AccessKeyId"], made["SecretAccessKey"]]
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
 server = ThreadedMotoServer("127.0.0.1", port, verbose=False)
 server.start()
 staging.stop()
-print("ready", flush=True)
+print("ready", *credentials, flush=True)
 while True:
     time.sleep(3600)
 """
@@ -116,11 +144,14 @@ class MotoS3:
     simulate a server restart on the same port."""
 
     def __init__(self, bucket: str, uploads: dict[str, str], log_path: str,
-                 port: int | None = None):
+                 port: int | None = None, *, require_auth: bool = False):
         self.bucket, self.uploads, self.log_path = bucket, dict(uploads), log_path
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
+        # require_auth: only signed requests with ``credentials`` (key id, secret) are served.
+        self.require_auth = require_auth
+        self.credentials: tuple[str, str] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         import select
@@ -130,14 +161,18 @@ class MotoS3:
         env = {**os.environ, **AWS_TEST_ENV}
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVE, str(self.port), self.bucket, json.dumps(self.uploads)],
+            [sys.executable, "-c", _SERVE, str(self.port), self.bucket, json.dumps(self.uploads),
+             *(["auth"] if self.require_auth else [])],
             stdout=subprocess.PIPE, stderr=log, env=env)
         log.close()
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline() if ready else b""  # "ready", or b"" if it died
-        if line.strip() != b"ready":
+        words = line.decode().split()
+        if words[:1] != ["ready"]:
             self.kill()
             raise RuntimeError(f"moto server did not start; see {self.log_path}")
+        if self.require_auth:
+            self.credentials = (words[1], words[2])
 
     def kill(self) -> None:
         """Stop the server abruptly (SIGKILL), as a crash would."""

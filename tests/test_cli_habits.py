@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import yaml
 
 from mfrecipes.cli import _parse, main
@@ -44,12 +45,42 @@ def test_show_fills_component_defaults(capsys):
     assert params["omega"] == 0.5 and params["jvp_impl"] == defaults["jvp_impl"]
 
 
-def test_wrong_type_says_expected_type(capsys):
-    assert main(["check", QS, "objective.params.omega=high"]) == 2
+TOY = os.path.join(REPO, "recipes", "toy2d_meanflow.yaml")
+
+
+@pytest.mark.parametrize("recipe, overrides, expected", [
+    (QS, ["objective.params.omega=high"],
+     "objective.params.omega: expected a number, got 'high' (str)"),
+    (QS, ["objective.params.beta_cv=x"],
+     "objective.params.beta_cv: expected a number, got 'x' (str)"),
+    (QS, ["objective.params.jvp_impl=3"], "objective.params.jvp_impl: expected a string, got 3"),
+    (QS, ["timestep_sampler.params.mu=high"],
+     "timestep_sampler.params.mu: expected a number, got 'high' (str)"),
+    (QS, ["timestep_sampler.params.mu_r=x"],
+     "timestep_sampler.params.mu_r: expected a number or null, got 'x' (str)"),
+    (QS, ["loss_weighting.params.p=[1]"],
+     "loss_weighting.params.p: expected a number, got [1] (list)"),
+    (TOY, ["gap_schedule.name=progressive", "gap_schedule.params.mc_draws=many"],
+     "gap_schedule.params.mc_draws: expected an integer, got 'many' (str)"),
+    (TOY, ["backbone.params.depth=1.5"], "backbone.params.depth: expected an integer, got 1.5 "
+                                         "(float)"),
+    (TOY, ["backbone.params.hidden=wide"],
+     "backbone.params.hidden: expected an integer, got 'wide' (str)"),
+    (TOY, ["data.params.num_points=lots"],
+     "data.params.num_points: expected an integer, got 'lots' (str)"),
+    (TOY, ["data.params.kind=3"], "data.params.kind: expected a string, got 3 (int)"),
+    (TOY, ["train.loggers=[jsonl, {name: wandb, params: {tags: 3}}]"],
+     "train.loggers[1].params.tags: expected a list of strings, got 3 (int)"),
+    # a value of the right type out of range: still its own key path
+    (QS, ["objective.params.beta_cv=1.5"], "objective.params.beta_cv: "),
+    (TOY, ["backbone.params.depth=0"], "backbone.params.depth: "),
+])
+def test_wrong_type_names_the_key_and_the_expected_type(capsys, recipe, overrides, expected):
+    capsys.readouterr()
+    assert main(["check", recipe, *overrides]) == 2
     err = capsys.readouterr().err
-    assert "omega must be a number, got str 'high'" in err and "not supported" not in err
-    assert main(["check", QS, "timestep_sampler.params.mu=high"]) == 2
-    assert "mu must be a number" in capsys.readouterr().err
+    assert err.startswith(f"error: {expected}"), err
+    assert err.count("error:") == 1 and "Traceback" not in err
 
 
 def test_list_shows_backbone_parameter_counts_without_building(capsys, monkeypatch):
@@ -85,3 +116,21 @@ def test_known_parameter_counts_match_the_code():
                .parameters()) == 55_932_419
     assert [format_count(n) for n in (55_932_419, 676_440_592, 132_482, 999)] == \
         ["55.9M", "676M", "132k", "999"]
+
+
+@pytest.mark.parametrize("override", ["gap_schedule.params.mc_draws=1e5",
+                                      "objective.params.omega=1",
+                                      "timestep_sampler.params.mu_r=null"])
+def test_right_types_pass_the_type_check(override):
+    """An integral float for an integer, an int for a number, null for an optional number."""
+    from mfrecipes.recipe.build import check_param_types
+    from mfrecipes.registry import GAP_SCHEDULES, OBJECTIVES, TIMESTEP_SAMPLERS, ensure_builtins
+
+    ensure_builtins()
+    section, _, rest = override.partition(".params.")
+    key, _, raw = rest.partition("=")
+    value = yaml.safe_load(raw) if raw != "1e5" else 1e5
+    factory = {"gap_schedule": GAP_SCHEDULES.get("progressive"),
+               "objective": OBJECTIVES.get("meanflow"),
+               "timestep_sampler": TIMESTEP_SAMPLERS.get("logit_normal")}[section]
+    check_param_types(factory, {key: value}, f"{section}.params")  # no error

@@ -251,3 +251,115 @@ def test_credentials_in_the_recipe_never_reach_the_run_directory(s3_endpoint, tm
         for f in files:
             with open(os.path.join(root, f), "rb") as fh:
                 assert b"s3cr3t-value-42" not in fh.read(), f
+
+
+# -- credentials on resume: the record holds ***, the resume takes them from elsewhere ---------
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory, aws_env):
+    """A server that serves signed requests of one IAM user only (``credentials``)."""
+    server = MotoS3(BUCKET, _uploads(tmp_path_factory),
+                    str(tmp_path_factory.mktemp("moto-auth") / "moto.log"), require_auth=True)
+    server.start()
+    yield server
+    server.kill()
+
+
+def _no_aws_env(monkeypatch, tmp_path):
+    """Nothing but what the test sets: no keys, no profile files, no instance metadata."""
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def _cli(capsys, *args) -> tuple[int, str]:
+    import s3fs
+
+    from mfrecipes.cli import main
+
+    s3fs.S3FileSystem.clear_instance_cache()  # as in a fresh process: no client kept from before
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def _started_run(auth_server, tmp_path, capsys, monkeypatch):
+    """A run of 64 images that logged in with credentials given as overrides."""
+    _no_aws_env(monkeypatch, tmp_path)
+    kid, secret = auth_server.credentials
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    run_dir = tmp_path / "run"
+    code, err = _cli(capsys, "run", tmp_path / "r.yaml", "--out", run_dir,
+                     f"data.params.urls={PATTERN}", "train.total_images=64",
+                     f"data.params.storage_options.client_kwargs.endpoint_url={auth_server.url}",
+                     f"data.params.storage_options.key={kid}",
+                     f"data.params.storage_options.secret={secret}")
+    assert code == 0, err
+    recorded = (run_dir / "recipe.resolved.yaml").read_text()
+    assert "key: '***'" in recorded and "secret: '***'" in recorded and secret not in recorded
+    from mfrecipes.cli import main
+
+    assert main(["show", str(run_dir)]) == 0  # show keeps the record's placeholders
+    shown = capsys.readouterr().out
+    assert "key: '***'" in shown and secret not in shown
+    return run_dir
+
+
+def _secrets_nowhere(run_dir, secret: str) -> None:
+    for root, _, files in os.walk(run_dir):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                assert secret.encode() not in fh.read(), f
+
+
+def _images(run_dir) -> int:
+    from mfrecipes.train.log import read_jsonl
+
+    return max(r["images"] for r in read_jsonl(str(run_dir / "metrics.jsonl")))
+
+
+def test_resume_takes_credentials_from_the_environment(auth_server, tmp_path, capsys,
+                                                       monkeypatch):
+    run_dir = _started_run(auth_server, tmp_path, capsys, monkeypatch)
+    kid, secret = auth_server.credentials
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", kid)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    code, err = _cli(capsys, "run", run_dir, "train.total_images=128")
+    assert code == 0, err
+    assert _images(run_dir) == 128
+    _secrets_nowhere(run_dir, secret)
+
+
+def test_resume_takes_credentials_from_the_same_override(auth_server, tmp_path, capsys,
+                                                         monkeypatch):
+    run_dir = _started_run(auth_server, tmp_path, capsys, monkeypatch)
+    kid, secret = auth_server.credentials
+    code, err = _cli(capsys, "run", run_dir, "train.total_images=128",
+                     f"data.params.storage_options.key={kid}",
+                     f"data.params.storage_options.secret={secret}")
+    assert code == 0, err
+    assert _images(run_dir) == 128
+    _secrets_nowhere(run_dir, secret)  # records, history, env.json, metrics, checkpoints
+
+
+def test_resume_without_credentials_is_one_error_saying_how(auth_server, tmp_path, capsys,
+                                                            monkeypatch):
+    run_dir = _started_run(auth_server, tmp_path, capsys, monkeypatch)
+    sent = []
+    import botocore.auth
+
+    real = botocore.auth.SigV4Auth.add_auth
+
+    def spy(self, request):  # what access key would go out, were there credentials
+        sent.append(self.credentials.access_key if self.credentials else None)
+        return real(self, request)
+    monkeypatch.setattr(botocore.auth.SigV4Auth, "add_auth", spy)
+    code, err = _cli(capsys, "run", run_dir, "train.total_images=128")
+    assert code == 2 and "Traceback" not in err
+    assert err.count("error:") == 1
+    assert "data.params.storage_options.key, data.params.storage_options.secret redacted" in err
+    assert "AWS_ACCESS_KEY_ID" in err and "data.params.storage_options.key=..." in err
+    assert "***" not in sent  # the record's placeholder never went out as a key
+    assert _images(run_dir) == 64  # nothing trained

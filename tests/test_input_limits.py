@@ -220,9 +220,10 @@ def test_deep_nesting_is_refused(tmp_path, capsys, where):
 
 
 @pytest.mark.parametrize("override, path, why", [
-    ("backbone.params.depth=1e30", "backbone.params", "depth must be an integer in"),
-    ("backbone.params.depth=1000000000000000000000000000000", "backbone.params", "depth"),
-    ("backbone.params.hidden=100000000", "backbone.params", "hidden must be an integer in"),
+    ("backbone.params.depth=1e30", "backbone.params.depth", "depth must be an integer in"),
+    ("backbone.params.depth=1000000000000000000000000000000", "backbone.params.depth",
+     "depth"),
+    ("backbone.params.hidden=100000000", "backbone.params.hidden", "hidden must be an integer in"),
     ("run.seed=1e30", "run.seed", "beyond any value"),
     ("run.seed=4294967296", "run.seed", "a seed must be"),
     ("eval.seed=-1", "eval.seed", "a seed must be"),
@@ -236,8 +237,8 @@ def test_deep_nesting_is_refused(tmp_path, capsys, where):
     ("eval.nfe=[]", "eval.nfe", "non-empty"),
     ("train.micro_batch_size=100", "train.micro_batch_size", "does not divide"),
     ("train.global_batch_size=1e30", "train.global_batch_size", "beyond"),
-    ("timestep_sampler.params.sigma=1e300", "timestep_sampler.params", "sigma"),
-    ("timestep_sampler.params.mu=-1e300", "timestep_sampler.params", "mu"),
+    ("timestep_sampler.params.sigma=1e300", "timestep_sampler.params.sigma", "sigma"),
+    ("timestep_sampler.params.mu=-1e300", "timestep_sampler.params.mu", "mu"),
     ("gap_schedule.name=progressive", None, None),  # fine as it is ...
     ("data.params.num_points=-.inf", "data.params.num_points", "num_points"),
     ("data.params.num_points=1000000000000000000000000000000", "data.params.num_points",

@@ -10,7 +10,7 @@ from mfrecipes.train.loop import Trainer
 pytest.importorskip("diffusers")
 
 
-def test_latent_run_decodes_grids_through_the_vae(tmp_path):
+def test_latent_run_decodes_grids_through_the_vae(tmp_path, monkeypatch):
     from mfrecipes.data.make_shards import build_latent_shards
 
     vae = save_tiny_vae(tmp_path / "vae")
@@ -26,10 +26,25 @@ def test_latent_run_decodes_grids_through_the_vae(tmp_path):
         "objective: {name: meanflow, params: {class_dropout: 0.1}}\n"
         "train: {total_images: 16, global_batch_size: 8, progress_bar: false}\n"
         "eval: {nfe: [1], num_samples: 4, grid_size: 4}\n")
+    from mfrecipes import plots
+
+    calls = []
+    real = plots.labelled_grid
+
+    def spy(x, **kw):
+        calls.append((tuple(x.shape), kw))
+        return real(x, **kw)
+    monkeypatch.setattr(plots, "labelled_grid", spy)
     r, d = load_recipe(str(recipe))
     trainer = Trainer(r, d, str(tmp_path / "run"))
     assert trainer.info.modality == "latent" and trainer.info.sample_shape == (4, 16, 16)
+    assert trainer.info.num_classes == 2
     trainer.run()
+    # the decoded grid is titled like the image grids, one column per class
+    (shape, kw), = calls
+    assert shape == (4, 3, 32, 32)
+    assert kw == {"ncol": 2, "labels": [0, 1],
+                  "title": "latent | 1-NFE | 16 images | EMA ema_0.9999"}
     grids = list((tmp_path / "run" / "samples").glob("nfe1-*.png"))
     assert len(grids) == 1
     from PIL import Image

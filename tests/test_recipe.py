@@ -96,7 +96,8 @@ def test_schema_errors_carry_dotted_path(base, overrides, path, words):
      ["did you mean 'logit_normal'", "available:"]),
     (["timestep_sampler.params.muu=0"], "timestep_sampler.params.muu", ["did you mean 'mu'"]),
     (["backbone.name=dit_tiny_3"], "backbone.name", ["dit_tiny_2"]),
-    (["timestep_sampler.params.fm_ratio=2.0"], "timestep_sampler.params", ["fm_ratio"]),
+    (["timestep_sampler.params.fm_ratio=2.0"], "timestep_sampler.params.fm_ratio",
+     ["fm_ratio"]),
 ])
 def test_component_errors_carry_dotted_path(base, overrides, path, words):
     recipe, _ = load_recipe(base, overrides)

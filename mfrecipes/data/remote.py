@@ -103,6 +103,32 @@ def redact_recipe(resolved: Mapping) -> dict:
     return redact(copy.deepcopy(dict(resolved)), (), NOT_SECRET_PATHS)
 
 
+def drop_redacted(data: Any, _path: tuple = ()) -> tuple[Any, list[str]]:
+    """A copy of ``data`` without the mapping entries whose value is ``***`` (at any depth),
+    and their dotted key paths. A resumed run reads its recipe from a redacted record: what was
+    a credential there is dropped, so the client falls back to its own environment
+    (``AWS_ACCESS_KEY_ID``..., fsspec's defaults) and ``***`` is never sent as a credential."""
+    dropped: list[str] = []
+    if isinstance(data, Mapping):
+        out = {}
+        for k, v in data.items():
+            path = (*_path, str(k))
+            if isinstance(v, str) and v == REDACTED:
+                dropped.append(".".join(path))
+                continue
+            out[k], more = drop_redacted(v, path)
+            dropped += more
+        return out, dropped
+    if isinstance(data, list):
+        out_list = []
+        for i, v in enumerate(data):
+            item, more = drop_redacted(v, (*_path, f"[{i}]"))
+            out_list.append(item)
+            dropped += more
+        return out_list, dropped
+    return data, dropped
+
+
 def scrub(text: str) -> str:
     """``text`` with every secret value redaction has seen replaced by ``***``."""
     for secret in sorted(_seen_secrets, key=len, reverse=True):
@@ -141,7 +167,8 @@ def env_storage_options(protocol: str) -> dict:
 def merged_storage_options(protocol: str, options: Mapping | None) -> dict:
     """Environment defaults overridden by explicit ``options`` (``client_kwargs`` merged)."""
     out = env_storage_options(protocol)
-    for k, v in (options or {}).items():
+    options, _ = drop_redacted(dict(options or {}))  # a redacted record never logs anyone in
+    for k, v in options.items():
         if k == "client_kwargs" and isinstance(v, Mapping):
             out["client_kwargs"] = {**out.get("client_kwargs", {}), **v}
         else:

@@ -194,9 +194,9 @@ def sample_run(run_dir: str, *, spec: SamplerSpec = SamplerSpec(1), weights: str
     png = stem + ".png"
     if info.modality == "points":
         ref = run.get_dataset().reference(num, seed)
-        plots.save_scatter(x, png, reference=ref,
-                           title=f"{os.path.basename(os.path.normpath(run_dir))}: {spec.tag}, "
-                                 f"{run.images} images")
+        plots.save_scatter(x, png, reference=ref, labels=y,
+                           title=f"{os.path.basename(os.path.normpath(run_dir))} | {spec.tag} | "
+                                 f"{run.images:,} images | {run.weights}")
     else:
         decoder = _Decoder(info, dev, min(batch_size, 64), vae)
         images = decoder.uint8(x)

@@ -61,26 +61,69 @@ def check_recipe(recipe: Recipe, *, for_run: bool = False) -> dict[str, Any]:
     return parts
 
 
+def batch_plan(cfg, world_size: int, path: str = "train") -> tuple[int, int]:
+    """``(micro batch per rank, accumulation steps)`` of a data-parallel run of ``world_size``
+    ranks; global batch = micro x accumulation steps x world size. Without
+    ``micro_batch_size`` each rank takes global / world size in one micro batch. A split that
+    does not come out even is a ``RecipeError`` naming the key and the nearest valid sizes."""
+    g, mb = cfg.global_batch_size, cfg.micro_batch_size
+    unit = world_size if mb is None else mb * world_size
+    if g % unit == 0:
+        return (g // world_size, 1) if mb is None else (mb, g // unit)
+    near = [v for v in (g // unit * unit, (g // unit + 1) * unit) if v > 0]
+    what = (f"the world size {world_size} (train.micro_batch_size unset: each rank takes "
+            f"global / world size)" if mb is None else
+            f"the world size {world_size} x micro_batch_size {mb} (global = micro x "
+            f"accumulation steps x world size)")
+    hint = ", or set train.micro_batch_size" if mb is None else ""
+    raise RecipeError(f"{path}.global_batch_size {g} is not divisible by {what}; valid global "
+                      f"batch sizes near it: {', '.join(map(str, near))} (any multiple of "
+                      f"{unit}){hint}", path=f"{path}.global_batch_size")
+
+
+def check_world_size(recipe: Recipe, world_size: int) -> None:
+    """Whether ``recipe`` can run on ``world_size`` ranks (``mfr check --world-size``, and
+    ``mfr run`` under a launcher): the DeepSpeed engine splits the global batch over the ranks;
+    the single engine trains in one process."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise RecipeError(f"world size must be a positive integer, got {world_size!r}",
+                          path="--world-size")
+    if recipe.engine != "deepspeed":
+        if world_size > 1:
+            raise RecipeError(f"engine {recipe.engine!r} trains in one process, but the world "
+                              f"size is {world_size}; set engine: deepspeed for several ranks "
+                              f"(or run one process)", path="engine")
+        return
+    batch_plan(recipe.train, world_size)  # stages keep the batch sizes (_STAGE_FIXED)
+
+
 def _check_single(recipe: Recipe) -> dict[str, Any]:
     import torch
 
     for section in COMPONENT_SECTIONS:
         block = getattr(recipe, section).as_dict()
-        registry_for(section).check_params(block, where=section)
+        reg = registry_for(section)
+        reg.check_params(block, where=section)
+        # Each parameter's type, then (attrs components) its validators, named by key path.
+        factory = reg.get(block["name"])
+        params = block.get("params") or {}
+        check_param_types(factory, params, f"{section}.params", skip=reg.runtime_args)
+        _check_attrs_params(factory, params, f"{section}.params")
+    from mfrecipes.registry import LOGGERS
     from mfrecipes.train.log import logger_blocks
 
-    logger_blocks(recipe.train.loggers)  # names, params, installed packages
+    for path, block in logger_blocks(recipe.train.loggers):  # names, params, packages
+        check_param_types(LOGGERS.get(block["name"]), block.get("params") or {},
+                          f"{path}.params", skip=LOGGERS.runtime_args)
     if recipe.train.augment is not None:
         registry.TRANSFORMS.build(recipe.train.augment.as_dict(), where="train.augment")  # cheap
     ds_entry = registry.DATASETS.entry(recipe.data.name, where="data.name")
-    _check_attrs_params(ds_entry.obj, recipe.data.params, "data.params")
     info = _static_data_info(ds_entry.obj, recipe.data.params)
     if info is None:
         # The data's shape and classes are only known once it is read (e.g. shards without a
         # declared sample_shape): check what does not depend on them.
-        sampler = registry.TIMESTEP_SAMPLERS.build(recipe.timestep_sampler.as_dict(),
-                                                   where="timestep_sampler",
-                                                   device=torch.device("cpu"))
+        sampler = _build(registry.TIMESTEP_SAMPLERS, recipe.timestep_sampler.as_dict(),
+                         "timestep_sampler", device=torch.device("cpu"))
         return {"timestep_sampler": sampler}
     parts = build_light(recipe, num_classes=info.num_classes, device=torch.device("cpu"))
     with torch.device("meta"):
@@ -90,7 +133,9 @@ def _check_single(recipe: Recipe) -> dict[str, Any]:
 
 def _check_attrs_params(factory, params: dict, where: str) -> None:
     """Run an attrs component's converters and validators on the recipe's params without
-    building it (a dataset is built only by ``mfr run``: it may read or write data)."""
+    building it (a dataset is built only by ``mfr run``: it may read or write data), so that
+    an invalid value is reported at its own key path. A validator that needs the other fields
+    (it reads the instance) is left to the build."""
     if not (isinstance(factory, type) and attrs.has(factory)):
         return
     for f in attrs.fields(factory):
@@ -104,6 +149,98 @@ def _check_attrs_params(factory, params: dict, where: str) -> None:
                 f.validator(None, f, value)
         except (ValueError, TypeError) as err:
             raise RecipeError(f"invalid {f.name}: {err}", path=f"{where}.{f.name}") from err
+        except Exception:  # noqa: BLE001 - needs the instance; the build checks it
+            continue
+
+
+# -- parameter types -----------------------------------------------------------------------------
+def _type_of(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _expectation(tp: Any):
+    """``(accepts(value) -> bool, "what is expected")`` for an annotation, or None when the
+    annotation says nothing checkable (the component's own validation decides)."""
+    import collections.abc
+    import types
+    import typing
+
+    if tp is bool:
+        return (lambda v: isinstance(v, bool)), "true or false"
+    if tp is int:
+        # An integral float (YAML's 1e5) is left to the component.
+        return (lambda v: not isinstance(v, bool) and (isinstance(v, int) or (
+            isinstance(v, float) and v.is_integer()))), "an integer"
+    if tp is float:
+        return (lambda v: not isinstance(v, bool) and isinstance(v, (int, float))), "a number"
+    if tp is str:
+        return (lambda v: isinstance(v, str)), "a string"
+    if tp is type(None):
+        return (lambda v: v is None), "null"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return (lambda v: any(v == a and type(v) is type(a) for a in args)), \
+            f"one of {', '.join(map(repr, args))}"
+    if origin in (typing.Union, types.UnionType):
+        parts = [_expectation(a) for a in args]
+        if any(p is None for p in parts):
+            return None
+        return (lambda v: any(ok(v) for ok, _ in parts)), " or ".join(d for _, d in parts)
+    if origin in (list, tuple, collections.abc.Sequence) or tp in (list, tuple):
+        item = _expectation(args[0]) if len(args) == 1 or (len(args) == 2 and args[1] is ...) \
+            else None
+        if item is None:
+            return (lambda v: isinstance(v, (list, tuple))), "a list"
+        ok_item, what = item
+        return (lambda v: isinstance(v, (list, tuple)) and all(ok_item(x) for x in v)), \
+            f"a list of {what.removeprefix('an ').removeprefix('a ')}s" \
+            if what.startswith(("a ", "an ")) else f"a list (items: {what})"
+    if origin in (dict, collections.abc.Mapping) or tp in (dict,):
+        return (lambda v: isinstance(v, dict)), "a mapping"
+    return None
+
+
+def _annotation(factory: Any, ann: Any) -> Any:
+    """A parameter's annotation as a type: postponed ones (strings) are read in the namespace
+    of the module that defines the component or one of its bases; None if none can."""
+    import sys
+
+    if not isinstance(ann, str):
+        return ann
+    owners = factory.__mro__ if isinstance(factory, type) else (factory,)
+    for owner in owners:
+        module = sys.modules.get(getattr(owner, "__module__", ""))
+        if module is None:
+            continue
+        try:
+            return eval(ann, dict(vars(module)))  # noqa: S307 - annotation text of imported code
+        except Exception:  # noqa: BLE001 - a name this module lacks: try the next
+            continue
+    return None
+
+
+def check_param_types(factory: Any, params: dict, where: str, *, skip=()) -> None:
+    """Every parameter of a component against its annotated type: a wrong one is a
+    ``RecipeError`` at its full key path saying what was expected and what came
+    (``objective.params.beta_cv: expected a number, got 'x' (str)``). The default value (None
+    included) is always accepted; annotations that cannot be read are not checked."""
+    import inspect
+
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    for name, value in params.items():
+        p = sig.parameters.get(name)
+        if p is None or name in skip or p.annotation is inspect.Parameter.empty:
+            continue
+        if value is None and p.default is None:
+            continue
+        want = _expectation(_annotation(factory, p.annotation))
+        if want is None or want[0](value):
+            continue
+        raise RecipeError(f"expected {want[1]}, got {value!r} ({_type_of(value)})",
+                          path=f"{where}.{name}")
 
 
 def _static_data_info(factory, params):
@@ -137,11 +274,31 @@ def with_component_defaults(resolved: dict) -> dict:
         params = block.get("params") or {}
         if not isinstance(params, dict):
             continue
-        full = {k: _plain_default(v) for k, v in reg.entry(block["name"]).parameters().items()
-                if k not in reg.runtime_args and v is not ... and _plain_default(v) is not ...}
-        full.update(params)
-        block["params"] = full
+        block["params"] = _filled(reg, block["name"], params)
+    # The metric backends named in train.loggers: each as {name, params}, defaults filled in
+    # (null, the default list, stays null: it depends on what is installed).
+    train = out.get("train")
+    if isinstance(train, dict) and isinstance(train.get("loggers"), list):
+        train["loggers"] = [_filled_logger(item) for item in train["loggers"]]
     return out
+
+
+def _filled(reg: registry.Registry, name: str, params: dict) -> dict:
+    full = {k: _plain_default(v) for k, v in reg.entry(name).parameters().items()
+            if k not in reg.runtime_args and v is not ... and _plain_default(v) is not ...}
+    full.update(params)
+    return full
+
+
+def _filled_logger(item: Any) -> Any:
+    block = {"name": item, "params": {}} if isinstance(item, str) else item
+    if not isinstance(block, dict) or not isinstance(block.get("name"), str) \
+            or block["name"] not in registry.LOGGERS:
+        return item  # kept as written: the check reports it
+    params = block.get("params") or {}
+    if not isinstance(params, dict):
+        return item
+    return {**block, "params": _filled(registry.LOGGERS, block["name"], params)}
 
 
 def _plain_default(value: Any) -> Any:
@@ -154,30 +311,44 @@ def _plain_default(value: Any) -> Any:
     return ...
 
 
+def _build(reg: registry.Registry, block: dict, where: str, **runtime: Any) -> Any:
+    """``reg.build``; a failure whose reason starts with one parameter's name (``beta_cv must
+    be in [0, 1], got 1.5``) is reported at that parameter's key path."""
+    import re
+
+    try:
+        return reg.build(block, where=where, **runtime)
+    except RecipeError as err:
+        reason = err.message.split(": ", 1)[-1]
+        params = block.get("params") or {}
+        first = re.match(r"[A-Za-z_][A-Za-z0-9_]*", reason)
+        if err.path == f"{where}.params" and first and first.group(0) in params:
+            raise RecipeError(err.message, path=f"{where}.params.{first.group(0)}") from err
+        raise
+
+
 def build_light(recipe: Recipe, *, num_classes, device) -> dict[str, Any]:
-    sampler = registry.TIMESTEP_SAMPLERS.build(recipe.timestep_sampler.as_dict(),
-                                               where="timestep_sampler", device=device)
+    sampler = _build(registry.TIMESTEP_SAMPLERS, recipe.timestep_sampler.as_dict(),
+                     "timestep_sampler", device=device)
     return {
-        "objective": registry.OBJECTIVES.build(recipe.objective.as_dict(), where="objective",
-                                               num_classes=num_classes),
+        "objective": _build(registry.OBJECTIVES, recipe.objective.as_dict(), "objective",
+                            num_classes=num_classes),
         "timestep_sampler": sampler,
-        "loss_weighting": registry.LOSS_WEIGHTINGS.build(
-            recipe.loss_weighting.as_dict(), where="loss_weighting", timestep_sampler=sampler),
-        "gap_schedule": registry.GAP_SCHEDULES.build(
-            recipe.gap_schedule.as_dict(), where="gap_schedule", timestep_sampler=sampler),
+        "loss_weighting": _build(registry.LOSS_WEIGHTINGS, recipe.loss_weighting.as_dict(),
+                                 "loss_weighting", timestep_sampler=sampler),
+        "gap_schedule": _build(registry.GAP_SCHEDULES, recipe.gap_schedule.as_dict(),
+                               "gap_schedule", timestep_sampler=sampler),
     }
 
 
 def build_backbone(recipe: Recipe, info):
-    return registry.BACKBONES.build(recipe.backbone.as_dict(), where="backbone",
-                                    input_shape=tuple(info.sample_shape),
-                                    num_classes=info.num_classes)
+    return _build(registry.BACKBONES, recipe.backbone.as_dict(), "backbone",
+                  input_shape=tuple(info.sample_shape), num_classes=info.num_classes)
 
 
 def build_dataset(recipe: Recipe, *, rank: int = 0, world_size: int = 1):
-    return registry.DATASETS.build(recipe.data.as_dict(), where="data", seed=recipe.run.seed,
-                                   rank=rank, world_size=world_size,
-                                   cache_dir=default_cache_dir(recipe))
+    return _build(registry.DATASETS, recipe.data.as_dict(), "data", seed=recipe.run.seed,
+                  rank=rank, world_size=world_size, cache_dir=default_cache_dir(recipe))
 
 
 def describe(component: Any) -> str:

@@ -98,20 +98,11 @@ def _free_port() -> int:
 
 
 def batch_plan(cfg: TrainCfg, world_size: int, path: str = "train") -> tuple[int, int]:
-    """``(micro batch per rank, accumulation steps)``; global = micro * accum * world."""
-    g = cfg.global_batch_size
-    if cfg.micro_batch_size is None:
-        if g % world_size:
-            raise RecipeError(f"global_batch_size {g} is not divisible by the world size "
-                              f"{world_size}; choose a multiple of {world_size}, or set "
-                              f"train.micro_batch_size", path=f"{path}.global_batch_size")
-        return g // world_size, 1
-    mb = cfg.micro_batch_size
-    if g % (mb * world_size):
-        raise RecipeError(f"global_batch_size {g} is not micro_batch_size {mb} x world size "
-                          f"{world_size} x an integer number of accumulation steps; valid: a "
-                          f"multiple of {mb * world_size}", path=f"{path}.global_batch_size")
-    return mb, g // (mb * world_size)
+    """``(micro batch per rank, accumulation steps)``; global = micro * accum * world (the rule
+    lives in ``recipe.build.batch_plan``, which ``mfr check --world-size`` uses too)."""
+    from mfrecipes.recipe.build import batch_plan as plan
+
+    return plan(cfg, world_size, path)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -383,23 +374,24 @@ class DeepSpeedEngine:
             return "no optimiser state (reinitialised)"
         if not self._mapped():
             self.optimizer.load_state_dict(full)
-        else:
-            self._load_full_optimizer_state(full)
+        elif not self._load_full_optimizer_state(full):
+            # The note reaches the run logger with the other resume notes.
+            return ("no optimiser state: this DeepSpeed version cannot take a consolidated "
+                    "optimiser state; AdamW moments reinitialised")
         src = (f"world size {state.get('world_size', 1)}, "
                f"{'ZeRO ' + str(state['zero_stage']) if 'zero_stage' in state else 'single'}")
         return f"consolidated optimiser state ({src})"
 
-    def _load_full_optimizer_state(self, full: dict) -> None:
+    def _load_full_optimizer_state(self, full: dict) -> bool:
+        """Fill ZeRO's partitions from a consolidated state; False when this DeepSpeed
+        version cannot (the moments stay fresh)."""
         from deepspeed.utils import safe_set_full_optimizer_state
 
         if not full["state"]:
-            return
+            return True
         zero = self.ds.optimizer
         if not hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
-            if self.is_main:
-                print("warning: this DeepSpeed version cannot take a consolidated optimiser "
-                      "state; AdamW moments reinitialised", flush=True)
-            return
+            return False
         step = full["state"][0]["step"]
         # AdamW creates its state lazily on the first step: create it on the flat fp32
         # partitions, link the per-parameter views, then fill them.
@@ -411,3 +403,4 @@ class DeepSpeedEngine:
         for i, p in enumerate(self.module.parameters()):
             for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(p, full["state"][i][key].to(self.device), key)
+        return True

@@ -287,6 +287,19 @@ class RunLogger:
         if self.enabled:
             self.console.print(text, highlight=False)
 
+    def warning(self, text: str, *, images: int | None = None, step: int | None = None) -> None:
+        """``warning: text`` on the console and, when ``images`` is given, one record
+        ``{images, step, warning}`` to every backend (metrics.jsonl keeps it; backends that
+        plot numbers skip the text)."""
+        if not self.enabled:
+            return
+        self.console.print(f"warning: {text}", highlight=False)
+        if images is not None:
+            record = {"images": int(images), "warning": text}
+            if step is not None:
+                record["step"] = int(step)
+            self.log(record, echo=False)
+
     def close(self) -> None:
         if getattr(self, "_progress", None) is not None:
             self._progress.stop()

@@ -343,25 +343,24 @@ class Trainer:
         record: dict[str, float] = {}
         for nfe in ev.nfe:
             n = max(ev.num_samples, ev.grid_size)
-            x, _ = generate.generate(net, self.info, n, nfe=nfe, seed=ev.seed, device=self.device,
+            x, y = generate.generate(net, self.info, n, nfe=nfe, seed=ev.seed, device=self.device,
                                      labels="balanced")
             x = x.float().cpu()
             stem = os.path.join(out_dir, f"nfe{nfe}-img{self.images:012d}.png")
+            title = self._picture_title(nfe)
+            k = self.info.num_classes
+            g = ev.grid_size if not k else max(k, ev.grid_size // k * k)  # whole class rows
             if self.info.modality == "points":
                 plots.save_scatter(x, stem, reference=self.dataset.reference(n, ev.seed),
-                                   title=f"{self.recipe.run.name}: {nfe}-NFE, "
-                                         f"{self.images} images")
+                                   title=title, labels=None if y is None else y.cpu())
             elif self.info.modality == "image":
-                k = self.info.num_classes
-                g = ev.grid_size if not k else max(k, ev.grid_size // k * k)  # whole class rows
                 grid = plots.labelled_grid(
                     x[:g], ncol=k or None, labels=None if not k else list(range(k)),
-                    title=f"{self.recipe.run.name} | {nfe}-NFE | {self.images:,} images | "
-                          f"EMA {next(iter(self.ema.shadows), 'none')}")
+                    title=title)
                 plots.save_png(grid, stem)  # one column per class
                 logger.image(f"samples/nfe{nfe}", grid, self.images)
             elif self.info.modality == "latent":
-                self._save_latent_grid(x[:ev.grid_size], stem, logger)
+                self._save_latent_grid(x[:g], stem, logger, nfe=nfe)
             quality = evaluate.quality(self.dataset, x[:ev.num_samples],
                                        cache_dir=rbuild.default_cache_dir(self.recipe),
                                        seed=ev.seed)
@@ -370,8 +369,15 @@ class Trainer:
         logger.log({"images": self.images, "step": self.step, **record})
         return record
 
-    def _save_latent_grid(self, z: torch.Tensor, path: str, logger: RunLogger) -> None:
-        """Decode latents through the dataset's VAE for the grid; without one, say so once."""
+    def _picture_title(self, nfe: int) -> str:
+        """The title line of every sample picture: run, steps, images seen, weights."""
+        return (f"{self.recipe.run.name} | {nfe}-NFE | {self.images:,} images | "
+                f"EMA {next(iter(self.ema.shadows), 'none')}")
+
+    def _save_latent_grid(self, z: torch.Tensor, path: str, logger: RunLogger, *,
+                          nfe: int = 1) -> None:
+        """Decode latents through the dataset's VAE for the grid (titled, one column per
+        class as the image grids); without a VAE, say so once."""
         from mfrecipes import plots
         from mfrecipes.data.vae import decode_latents
         from mfrecipes.errors import DataError
@@ -382,9 +388,15 @@ class Trainer:
             images = decode_latents(z, self.info, device=self.device)
         except DataError as err:
             self._vae_missing = True
-            logger.info(f"warning: no sample grids for this latent run: {err}")
+            logger.warning(f"no sample grids for this latent run: {err}", images=self.images,
+                           step=self.step)
             return
-        plots.save_image_grid(images, path)
+        k = self.info.num_classes
+        grid = plots.labelled_grid(images, ncol=k or None,
+                                   labels=None if not k else list(range(k)),
+                                   title=self._picture_title(nfe))
+        plots.save_png(grid, path)
+        logger.image(f"samples/nfe{nfe}", grid, self.images)
 
     # -- the loop -------------------------------------------------------------------------------
     def _lock(self) -> None:
@@ -430,11 +442,12 @@ class Trainer:
             init_note = self.init_weights()
         logger = RunLogger(self.run_dir, cfg.total_images, self.images, enabled=is_main,
                            progress_bar=cfg.progress_bar, loggers=cfg.loggers)
+        self.logger = logger  # warnings from inside a step reach the console and the backends
         if init_note:
             logger.info(f"initialised from {init_note}")
         if resumed:
             for note in self.resume_notes:
-                logger.info(f"warning: {note}")
+                logger.warning(note, images=self.images, step=self.step)
             logger.info(f"resumed from {self.images} images (step {self.step}); "
                         f"{self.resume_note}")
         else:
@@ -497,9 +510,10 @@ class Trainer:
             if ev.at_end and is_main:
                 result.update(self.evaluate(logger))
             if self.nonfinite and is_main:
-                logger.info(f"warning: {self.nonfinite} update(s) were skipped for a non-finite "
-                            f"loss or gradient (limit train.max_nonfinite="
-                            f"{cfg.max_nonfinite}); see 'nonfinite' in metrics.jsonl")
+                logger.warning(f"{self.nonfinite} update(s) were skipped for a non-finite "
+                               f"loss or gradient (limit train.max_nonfinite="
+                               f"{cfg.max_nonfinite}); see 'nonfinite' in metrics.jsonl",
+                               images=self.images, step=self.step)
         finally:
             logger.close()
         return {"images": self.images, "step": self.step, "nonfinite": self.nonfinite, **result}
@@ -514,6 +528,17 @@ class Trainer:
         if window["nw"]:
             out["sampler/watched_loss"] = window["watched"] / window["nw"]
         return out
+
+    def _warn(self, text: str) -> None:
+        """A warning at the current images and step, through the run logger (rank 0 only: the
+        logger of other ranks is disabled)."""
+        logger = getattr(self, "logger", None)
+        if logger is not None:
+            logger.warning(text, images=self.images, step=self.step)
+        elif self.engine.is_main:  # before the logger exists: Python's logging only
+            import logging
+
+            logging.getLogger(__name__).warning("%s", text)
 
     def _train_step(self, batches, mb: int, accum: int) -> tuple[float, dict, float]:
         progress = self.progress()
@@ -576,9 +601,8 @@ class Trainer:
             grad_norm = math.nan
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             self.nonfinite += 1
-            if self.engine.is_main:
-                print(f"warning: non-finite loss/gradient at {self.images} images "
-                      f"({self.nonfinite}/{max_nonfinite} allowed); update skipped", flush=True)
+            self._warn(f"non-finite loss/gradient at {self.images} images "
+                       f"({self.nonfinite}/{max_nonfinite} allowed); update skipped")
             if self.nonfinite > max_nonfinite:
                 raise TrainingError(
                     f"{self.nonfinite} non-finite losses by {self.images} images (limit "

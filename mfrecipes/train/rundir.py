@@ -223,6 +223,53 @@ def resume_changes(old: dict, new: dict) -> dict[str, dict]:
     return changed
 
 
+# What a store says when it refuses a request for want of (valid) credentials.
+_AUTH_WORDS = ("credential", "access denied", "accessdenied", "forbidden", "invalidaccesskeyid",
+               "signaturedoesnotmatch", "permission", "unauthorized", "403")
+
+
+def load_for_resume(run_dir: str, overrides: list[str]):
+    """``(Recipe, resolved mapping, credentials still missing)`` for resuming ``run_dir``.
+
+    The record holds ``***`` for every credential (``redact_recipe``). Those entries are dropped
+    before the overrides apply, so a resume logs in with the client's environment
+    (``AWS_ACCESS_KEY_ID``..., fsspec's defaults) or with the same override given again
+    (``data.params.storage_options.key=K``); the third value lists the dropped key paths that no
+    override gave back (for ``credentials_hint``)."""
+    from mfrecipes.data.remote import drop_redacted
+    from mfrecipes.recipe.load import apply_overrides, check_size, load_raw
+    from mfrecipes.recipe.schema import Recipe
+
+    raw, dropped = drop_redacted(load_raw(os.path.join(run_dir, RESOLVED)))
+    raw = apply_overrides(raw, overrides)
+    check_size(raw, "the recipe with its overrides")
+    recipe = Recipe.from_dict(raw)
+    data = recipe.to_dict()
+    missing = [p for p in dropped if not _has_path(data, p)]
+    return recipe, data, missing
+
+
+def _has_path(data: Any, dotted: str) -> bool:
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or node.get(part) is None:
+            return False
+        node = node[part]
+    return True
+
+
+def credentials_hint(err: Exception, missing: list[str]) -> str | None:
+    """When a resume without the recorded credentials is refused by the store, the sentence
+    that says why and how to give them; None when ``err`` is not such a refusal."""
+    if not missing or not any(w in str(err).lower() for w in _AUTH_WORDS):
+        return None
+    return (f"the run directory records {', '.join(missing)} redacted (***, credentials are "
+            f"never written), so this resume ran without them; give them through the "
+            f"environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, "
+            f"AWS_PROFILE, or the store's own variables) or the same override again: "
+            f"mfr run RUN_DIR {' '.join(p + '=...' for p in missing)}")
+
+
 def previous_recipe(run_dir: str) -> dict | None:
     """The recorded recipe of ``run_dir``, or None when it has none yet."""
     from mfrecipes.recipe.load import read_yaml
