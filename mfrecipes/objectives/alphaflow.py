@@ -29,8 +29,6 @@ import torch
 from mfrecipes.objectives.base import (
     ObjectiveOutput,
     as_batch,
-    check_inputs,
-    interpolate,
     sum_sq,
     to_floats,
 )
@@ -112,13 +110,7 @@ class AlphaFlow(MeanFlowBased):
             out.diagnostics["alpha"] = 0.0
             return out
 
-        check_inputs(x, t, r, noise, y)
-        z, v = interpolate(x, noise, t)                   # [B, ...]
-        h = t - r                                         # [B]
-        is_avg = h != 0                                   # [B] r != t
-        y, dropped = self.drop_labels(y, t, r, generator)
-        # CFG forwards and the prediction u(z_t, r, t), no tangent (MeanFlow's planner)
-        fwd = self._meanflow._planner(net, z, v, t, h, y, dropped)
+        z, v, h, is_avg, y, fwd = self._plain_forward(net, x, y, t, r, noise, generator)
         u, v_g = fwd.u, fwd.v_g
         avg_idx = is_avg.nonzero().squeeze(1)
         # r = t rows: flow matching (Kim et al. 2025, Eq. 5)

@@ -45,8 +45,6 @@ import torch
 from mfrecipes.objectives.base import (
     ObjectiveOutput,
     as_batch,
-    check_inputs,
-    interpolate,
     masked_mean,
     sum_sq,
     to_floats,
@@ -142,13 +140,7 @@ class DiscreteMeanFlow(MeanFlowBased):
             out.diagnostics["stage"] = float(stage)
             return out
 
-        check_inputs(x, t, r, noise, y)
-        z, v = interpolate(x, noise, t)                   # [B, ...]
-        h = t - r                                         # [B]
-        is_avg = h != 0                                   # [B] r != t
-        y, dropped = self.drop_labels(y, t, r, generator)
-        # CFG forwards and the prediction u(z_t, r, t), no tangent (MeanFlow's planner)
-        fwd = self._meanflow._planner(net, z, v, t, h, y, dropped)
+        z, v, h, is_avg, y, fwd = self._plain_forward(net, x, y, t, r, noise, generator)
         u, v_g = fwd.u, fwd.v_g
         d, h_back = back_time(t, r, stage, self.q, dagger=self.dagger, eps=self.eps)  # [B]
         # u(z_r, r, r) at the boundary is the instantaneous velocity: v_g (our reading)

@@ -250,3 +250,15 @@ class MeanFlowBased(MeanFlowSettings):
     def _make_meanflow(self) -> MeanFlow:
         names = [f.name for f in attrs.fields(MeanFlowSettings)]  # the settings, none else
         return MeanFlow(**{name: getattr(self, name) for name in names})
+
+    def _plain_forward(self, net, x: torch.Tensor, y: Optional[torch.Tensor], t: torch.Tensor,
+                       r: torch.Tensor, noise: torch.Tensor, generator: Optional[torch.Generator]):
+        """The start of a stage without a JVP: ``(z_t, v, h, r != t mask, labels after class
+        dropout, Forward)`` where the planner ran the CFG forwards and the prediction
+        u(z_t, r, t) of every row (no tangent)."""
+        check_inputs(x, t, r, noise, y)
+        z, v = interpolate(x, noise, t)                   # [B, ...]
+        h = t - r                                         # [B]
+        y, dropped = self.drop_labels(y, t, r, generator)
+        fwd = self._meanflow._planner(net, z, v, t, h, y, dropped)
+        return z, v, h, h != 0, y, fwd
