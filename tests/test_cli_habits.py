@@ -33,11 +33,12 @@ def test_list_shows_descriptions(capsys):
 
 
 def test_show_fills_component_defaults(capsys):
-    from mfrecipes.registry import OBJECTIVES, ensure_builtins
+    from mfrecipes.plugins import load_components
+    from mfrecipes.registry import OBJECTIVES
 
     assert main(["show", QS, "objective.params.omega=0.5"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
-    ensure_builtins()
+    load_components()
     defaults = OBJECTIVES.entry("meanflow").parameters()
     params = shown["objective"]["params"]
     assert set(params) == {k for k in defaults if k not in OBJECTIVES.runtime_args}

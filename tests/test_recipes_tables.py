@@ -12,6 +12,7 @@ import os
 import pytest
 
 from mfrecipes import registry
+from mfrecipes.plugins import load_components
 from mfrecipes.recipe import load_recipe
 from mfrecipes.recipe.build import check_recipe
 from mfrecipes.recipe.schema import COMPONENT_SECTIONS
@@ -229,7 +230,7 @@ def same(a, b) -> bool:
 # -- tests -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
 def _builtins():
-    registry.ensure_builtins()
+    load_components()
 
 
 @pytest.mark.parametrize("rel", sorted(TABLE))

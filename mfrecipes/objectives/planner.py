@@ -172,9 +172,10 @@ class ForwardPlanner:
                 if cast is not None:
                     zj, tj, hj, dz = (a.to(cast) for a in (zj, tj, hj, dz))
                 ones = torch.ones_like(tj[:n_jvp])
-                dh = tangent.dh
-                dh = (ones if dh == 1 else ones * dh) if not torch.is_tensor(dh) else \
-                    dh[jvp_idx].to(ones.dtype)
+                if torch.is_tensor(tangent.dh):
+                    dh = tangent.dh[jvp_idx].to(ones.dtype)
+                else:
+                    dh = ones if tangent.dh == 1 else ones * tangent.dh
                 u_rows, du_j = jvp_forward(net, zj, tj, hj, _take(y, rows), dz, ones, dh,
                                            impl=self.jvp_impl)  # u [len(rows)], du [K]
             parts_u.append(u_rows[:n_jvp])

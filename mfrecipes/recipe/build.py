@@ -37,7 +37,7 @@ def check_recipe(recipe: Recipe, *, for_run: bool = False) -> dict[str, Any]:
     a plain check and an error when ``for_run`` (training is about to start).
     """
     load_imports(recipe)
-    registry.ensure_builtins()
+    plugins.load_components()
     parts = _check_single(recipe)
     plan = stage_plan(recipe)
     if len(plan) > 1:
@@ -123,7 +123,7 @@ def with_component_defaults(resolved: dict) -> dict:
     written (the check reports it)."""
     import copy
 
-    registry.ensure_builtins()
+    plugins.load_components()
     out = copy.deepcopy(resolved)
     for section in COMPONENT_SECTIONS:
         block = out.get(section)
@@ -153,6 +153,7 @@ def _plain_default(value: Any) -> Any:
 
 
 def build_light(recipe: Recipe, *, num_classes, device) -> dict[str, Any]:
+    plugins.load_components()
     sampler = registry.TIMESTEP_SAMPLERS.build(recipe.timestep_sampler.as_dict(),
                                                where="timestep_sampler", device=device)
     return {
@@ -167,12 +168,14 @@ def build_light(recipe: Recipe, *, num_classes, device) -> dict[str, Any]:
 
 
 def build_backbone(recipe: Recipe, info):
+    plugins.load_components()
     return registry.BACKBONES.build(recipe.backbone.as_dict(), where="backbone",
                                     input_shape=tuple(info.sample_shape),
                                     num_classes=info.num_classes)
 
 
 def build_dataset(recipe: Recipe, *, rank: int = 0, world_size: int = 1):
+    plugins.load_components()
     return registry.DATASETS.build(recipe.data.as_dict(), where="data", seed=recipe.run.seed,
                                    rank=rank, world_size=world_size,
                                    cache_dir=default_cache_dir(recipe))
