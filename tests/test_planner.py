@@ -10,6 +10,7 @@ from torch import nn
 from mfrecipes.objectives.base import as_batch, interpolate
 from mfrecipes.objectives.guidance import Guidance
 from mfrecipes.objectives.planner import ForwardPlanner, Tangent
+from mfrecipes.plugins import load_components
 from mfrecipes.registry import BACKBONES
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -86,6 +87,7 @@ def _v_g_ref(net, z, v, t, y, dropped, omega, kappa, t_end):
 
 
 def _mlp():
+    load_components()
     torch.manual_seed(0)
     return BACKBONES.build({"name": "mlp", "params": {"hidden": 12, "depth": 2}},
                            input_shape=(4,), num_classes=C).to(DT)
