@@ -238,7 +238,9 @@ def cmd_run(args) -> int:
 
 def cmd_list(args) -> int:
     from mfrecipes import registry
+    from mfrecipes.plugins import load_components
 
+    load_components()
     kinds = registry.ALL_REGISTRIES
     if args.kind:
         kind = args.kind.rstrip("s") if args.kind.rstrip("s") in kinds else args.kind

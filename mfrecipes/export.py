@@ -126,7 +126,9 @@ def _backbone(recipe) -> dict:
     """Name, every parameter (defaults filled in) and the registered one-line description
     (which spells out the sizes of a named preset such as ``dit_b_4``)."""
     from mfrecipes import registry
+    from mfrecipes.plugins import load_components
 
+    load_components()
     entry = registry.BACKBONES.entry(recipe.backbone.name, where="backbone.name")
     full = {k: v for k, v in entry.parameters().items()
             if k not in registry.BACKBONES.runtime_args and v is not ...}
@@ -214,7 +216,9 @@ def _load_export(folder: str, device) -> Pretrained:
                               f"mfrecipes reads up to {FORMAT_VERSION}: upgrade mfrecipes")
     info = _info_from(config, where)
     bb = config.get("backbone") or {}
-    registry.ensure_builtins()
+    from mfrecipes.plugins import load_components
+
+    load_components()
     with torch.random.fork_rng(devices=[]):  # building must not disturb the caller's RNG
         net = registry.BACKBONES.build({"name": bb.get("name"), "params": bb.get("params") or {}},
                                        where=f"{where}: backbone",

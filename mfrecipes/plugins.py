@@ -9,6 +9,11 @@ and registers components in that module with the ordinary decorators. ``load_plu
 each entry point once, records (entry point, distribution, version), skips the names listed in
 ``MFR_DISABLE_PLUGINS=a,b`` and turns a plugin that fails to import into one error naming it.
 A recipe may also list ``imports: [module, ...]`` for local modules (see ``import_modules``).
+
+``load_components()`` is the one explicit load: it imports the built-in component packages
+(``BUILTIN_PACKAGES``) and then the plugins, once; recipe building and validation, ``mfr list``,
+export and evaluation call it before they resolve a name. The registries themselves
+(mfrecipes/registry.py) import nothing of this.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import sys
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
+from mfrecipes import registry
 from mfrecipes.errors import PluginError
 
 GROUP = "mfrecipes.plugins"
@@ -37,7 +43,30 @@ class PluginInfo:
         return asdict(self)
 
 
-_state: dict = {"loaded": None, "imported_modules": []}
+# The packages whose import registers the built-in components, in this order.
+BUILTIN_PACKAGES = (
+    "mfrecipes.backbones",
+    "mfrecipes.objectives",
+    "mfrecipes.timestep_samplers",
+    "mfrecipes.loss_weightings",
+    "mfrecipes.gap_schedules",
+    "mfrecipes.data",
+    "mfrecipes.train.log",
+)
+
+_state: dict = {"loaded": None, "imported_modules": [], "components": False}
+
+
+def load_components() -> list["PluginInfo"]:
+    """Import the built-in components, then the entry-point plugins; each only once (later
+    calls return at once). Returns the plugins' provenance (``load_plugins``)."""
+    if not _state["components"]:
+        for mod in BUILTIN_PACKAGES:
+            importlib.import_module(mod)
+        infos = load_plugins()
+        registry.record_loaded((p.name for p in infos if p.status == "loaded"), builtins=True)
+        _state["components"] = True
+    return all_plugins()
 
 
 def _disabled() -> set[str]:
@@ -48,8 +77,6 @@ def load_plugins(*, reload: bool = False) -> list[PluginInfo]:
     """Import every ``mfrecipes.plugins`` entry point once; return their provenance."""
     if _state["loaded"] is not None and not reload:
         return _state["loaded"]
-    from mfrecipes import registry
-
     infos: list[PluginInfo] = []
     disabled = _disabled()
     eps = sorted(metadata.entry_points(group=GROUP), key=lambda e: e.name)
@@ -64,18 +91,17 @@ def load_plugins(*, reload: bool = False) -> list[PluginInfo]:
         if ep.name in disabled:
             infos.append(PluginInfo(ep.name, ep.value, dist_name, version, "disabled"))
             continue
-        registry._current_plugin = f"{ep.name} from {dist_name} {version}"
         try:
-            ep.load()
+            with registry.attributed_to(f"{ep.name} from {dist_name} {version}"):
+                ep.load()
         except Exception as err:  # noqa: BLE001 - any import failure is the plugin's, name it
             raise PluginError(
                 f"plugin {ep.name!r} ({ep.value}, distribution {dist_name} {version}) failed to "
                 f"import: {type(err).__name__}: {err}\n  disable it with "
                 f"{DISABLE_ENV}={ep.name} or fix/uninstall the distribution") from err
-        finally:
-            registry._current_plugin = None
         infos.append(PluginInfo(ep.name, ep.value, dist_name, version, "loaded"))
     _state["loaded"] = infos
+    registry.record_loaded(p.name for p in infos if p.status == "loaded")
     return infos
 
 

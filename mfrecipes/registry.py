@@ -15,15 +15,22 @@ arguments to ``build``; a component receives only those it names in its signatur
 never sees the device unless it asks for it. A recipe may not set a runtime argument itself: that
 number has one source of truth elsewhere.
 
-Storage and lookup sit on mmengine's ``Registry`` (no scope inference: every registry is created
-with an explicit scope and no parent); naming, duplicate detection, provenance, error messages and
-build are ours, because the contract asks for errors that list names and both origins.
+This module only declares: it imports no component package and no plugin. Whoever resolves names
+(recipe build and validation, ``mfr list``, export, evaluation) first calls
+``mfrecipes.plugins.load_components()``, which imports the built-ins and the entry-point plugins
+once; a lookup before that sees only what has been imported, and an unknown-name error says so.
+
+Storage and lookup sit on mmengine's ``Registry`` through its public API (``register_module``,
+``get``; no scope inference: every registry is created with an explicit scope and no parent);
+naming, duplicate detection, provenance, error messages and build are ours, because the contract
+asks for errors that list names and both origins.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from mmengine.registry import Registry as _MMRegistry
 
@@ -41,7 +48,8 @@ __all__ = [
     "LOGGERS",
     "TRANSFORMS",
     "ALL_REGISTRIES",
-    "ensure_builtins",
+    "attributed_to",
+    "record_loaded",
 ]
 
 
@@ -76,9 +84,26 @@ def _signature_params(obj: Callable) -> list[inspect.Parameter]:
     return params
 
 
-# The plugin loader sets this while it imports a plugin module, so that registrations made during
-# that import are attributed to the plugin's distribution rather than to the module alone.
-_current_plugin: str | None = None
+# What the component loader told us: the plugin being imported now (registrations made during
+# that import are attributed to its distribution), the plugins loaded, and whether it ran.
+_loader: dict = {"current": None, "plugins": [], "ran": False}
+
+
+@contextlib.contextmanager
+def attributed_to(plugin: str) -> Iterator[None]:
+    """Registrations inside this block name ``plugin`` in their origin (the plugin loader)."""
+    _loader["current"] = plugin
+    try:
+        yield
+    finally:
+        _loader["current"] = None
+
+
+def record_loaded(plugin_names: Iterable[str], *, builtins: bool = False) -> None:
+    """The component loader reports the plugins loaded (for the unknown-name message) and, with
+    ``builtins``, that the built-in components are loaded too."""
+    _loader["plugins"] = list(plugin_names)
+    _loader["ran"] = _loader["ran"] or builtins
 
 
 class Registry:
@@ -102,8 +127,8 @@ class Registry:
 
         def deco(obj: Callable) -> Callable:
             origin = getattr(obj, "__module__", "?") + "." + getattr(obj, "__qualname__", "?")
-            if _current_plugin:
-                origin = f"{origin} (plugin {_current_plugin})"
+            if _loader["current"]:
+                origin = f"{origin} (plugin {_loader['current']})"
             old = self._entries.get(name)
             if old is not None:
                 if old.obj is obj:  # the same module imported twice (e.g. under two names)
@@ -111,31 +136,30 @@ class Registry:
                 raise ValueError(f"duplicate {self.kind} name {name!r}: already registered by "
                                  f"{old.origin}, registered again by {origin}")
             self._entries[name] = RegistryEntry(name, obj, origin, self.kind)
-            self._mm._register_module(obj, module_name=name, force=False)
+            self._mm.register_module(name=name, module=obj)
             return obj
 
         return deco
 
     def unregister(self, name: str) -> None:
         """Remove a name (tests and interactive use)."""
-        self._entries.pop(name, None)
-        self._mm._module_dict.pop(name, None)
+        if self._entries.pop(name, None) is None:
+            return
+        self._mm = _MMRegistry(self.kind, scope="mfrecipes")  # mmengine has no public removal
+        for entry in self._entries.values():
+            self._mm.register_module(name=entry.name, module=entry.obj)
 
     # -- lookup -------------------------------------------------------------------------------
     def names(self) -> list[str]:
-        ensure_builtins()
         return sorted(self._entries)
 
     def entries(self) -> list[RegistryEntry]:
-        ensure_builtins()
         return [self._entries[n] for n in sorted(self._entries)]
 
     def __contains__(self, name: str) -> bool:
-        ensure_builtins()
         return name in self._entries
 
     def entry(self, name: str, *, where: str | None = None) -> RegistryEntry:
-        ensure_builtins()
         if name not in self._entries:
             raise RecipeError(self.unknown_message(name), path=where)
         return self._entries[name]
@@ -145,16 +169,17 @@ class Registry:
         return self._mm.get(name)
 
     def unknown_message(self, name: Any) -> str:
-        from mfrecipes import plugins
-
         names = sorted(self._entries)
         close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)
         msg = f"unknown {self.kind} {name!r}"
         if close:
             msg += f"; did you mean {', '.join(map(repr, close))}?"
         msg += f"\n  available: {', '.join(names) if names else '(none)'}"
-        loaded = plugins.loaded_plugins()
-        msg += "\n  plugins loaded: " + (", ".join(p.name for p in loaded) if loaded else "none")
+        loaded = _loader["plugins"]
+        msg += "\n  plugins loaded: " + (", ".join(loaded) if loaded else "none")
+        if not _loader["ran"]:
+            msg += ("\n  built-ins and plugins are not loaded yet: call "
+                    "mfrecipes.plugins.load_components() before resolving names")
         return msg
 
     # -- build --------------------------------------------------------------------------------
@@ -242,32 +267,3 @@ ALL_REGISTRIES: dict[str, Registry] = {
     "logger": LOGGERS,
     "transform": TRANSFORMS,
 }
-
-_BUILTIN_PACKAGES = (
-    "mfrecipes.backbones",
-    "mfrecipes.objectives",
-    "mfrecipes.timestep_samplers",
-    "mfrecipes.loss_weightings",
-    "mfrecipes.gap_schedules",
-    "mfrecipes.data",
-    "mfrecipes.train.log",
-)
-_builtins_state = {"loaded": False, "loading": False}
-
-
-def ensure_builtins() -> None:
-    """Import the built-in component packages, then the plugins (each exactly once)."""
-    if _builtins_state["loaded"] or _builtins_state["loading"]:
-        return
-    _builtins_state["loading"] = True
-    try:
-        import importlib
-
-        for mod in _BUILTIN_PACKAGES:
-            importlib.import_module(mod)
-        from mfrecipes import plugins
-
-        plugins.load_plugins()
-        _builtins_state["loaded"] = True
-    finally:
-        _builtins_state["loading"] = False

@@ -34,11 +34,12 @@ def test_list_shows_descriptions(capsys):
 
 
 def test_show_fills_component_defaults(capsys):
-    from mfrecipes.registry import OBJECTIVES, ensure_builtins
+    from mfrecipes.plugins import load_components
+    from mfrecipes.registry import OBJECTIVES
 
     assert main(["show", QS, "objective.params.omega=0.5"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
-    ensure_builtins()
+    load_components()
     defaults = OBJECTIVES.entry("meanflow").parameters()
     params = shown["objective"]["params"]
     assert set(params) == {k for k in defaults if k not in OBJECTIVES.runtime_args}
@@ -124,9 +125,10 @@ def test_known_parameter_counts_match_the_code():
 def test_right_types_pass_the_type_check(override):
     """An integral float for an integer, an int for a number, null for an optional number."""
     from mfrecipes.recipe.build import check_param_types
-    from mfrecipes.registry import GAP_SCHEDULES, OBJECTIVES, TIMESTEP_SAMPLERS, ensure_builtins
+    from mfrecipes.plugins import load_components
+    from mfrecipes.registry import GAP_SCHEDULES, OBJECTIVES, TIMESTEP_SAMPLERS
 
-    ensure_builtins()
+    load_components()
     section, _, rest = override.partition(".params.")
     key, _, raw = rest.partition("=")
     value = yaml.safe_load(raw) if raw != "1e5" else 1e5

@@ -7,10 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mfrecipes.plugins import load_components
 from mfrecipes.registry import (BACKBONES, DATASETS, GAP_SCHEDULES, LOSS_WEIGHTINGS, OBJECTIVES,
                                 TIMESTEP_SAMPLERS)
 
 DEV = torch.device("cpu")
+load_components()  # the parametrisations below list every registered name
 
 
 def _sampler():

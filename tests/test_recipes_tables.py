@@ -13,6 +13,7 @@ import re
 import pytest
 
 from mfrecipes import registry
+from mfrecipes.plugins import load_components
 from mfrecipes.recipe import load_recipe
 from mfrecipes.recipe.build import check_recipe
 from mfrecipes.recipe.schema import COMPONENT_SECTIONS
@@ -230,7 +231,7 @@ def same(a, b) -> bool:
 # -- tests -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
 def _builtins():
-    registry.ensure_builtins()
+    load_components()
 
 
 @pytest.mark.parametrize("rel", sorted(TABLE))

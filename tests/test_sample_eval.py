@@ -120,9 +120,10 @@ def test_eval_checkpoint_weights_and_errors(digits_run, capsys):
 def _ema_net(run, key="ema_0.999"):
     from safetensors.torch import load_file
 
-    from mfrecipes.registry import BACKBONES, ensure_builtins
+    from mfrecipes.plugins import load_components
+    from mfrecipes.registry import BACKBONES
 
-    ensure_builtins()
+    load_components()
     flat = load_file(os.path.join(run, "checkpoints", "img-000000000256", "weights.safetensors"))
     sd = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(key + "/")}
     net = BACKBONES.build({"name": "dit_tiny_2", "params": {}}, input_shape=(1, 8, 8),

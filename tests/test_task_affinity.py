@@ -55,9 +55,10 @@ def _flat_grad(loss, net):
 
 
 def _setup(num_batches=3, b=16):
-    from mfrecipes.registry import OBJECTIVES, ensure_builtins
+    from mfrecipes.plugins import load_components
+    from mfrecipes.registry import OBJECTIVES
 
-    ensure_builtins()
+    load_components()
     torch.manual_seed(0)
     net = TinyNet().to(F64)
     g = torch.Generator().manual_seed(1)

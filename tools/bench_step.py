@@ -55,7 +55,7 @@ from typing import Any, Optional
 import attrs
 import torch
 
-from mfrecipes import registry
+from mfrecipes import plugins, registry
 from mfrecipes.errors import MfrError, RecipeError
 from mfrecipes.objectives.base import (
     ObjectiveOutput,
@@ -230,7 +230,7 @@ def build_setup(args) -> dict[str, Any]:
         overrides.append("timestep_sampler.params.fm_ratio=0.0")
     recipe, _ = load_recipe(args.recipe, overrides)
     rbuild.load_imports(recipe)
-    registry.ensure_builtins()
+    plugins.load_components()
     shape, classes = _data_shape(recipe, args)
     device = torch.device(args.device)
     parts = rbuild.build_light(recipe, num_classes=classes, device=device)

@@ -127,7 +127,9 @@ def numerics_problem(backbone: str, shape, classes: int, batch: int = 8, seed: i
     N(0, 0.02^2)), a batch, (t, r) with the first half r != t, noise and labels."""
     from mfrecipes import registry
 
-    registry.ensure_builtins()
+    from mfrecipes.plugins import load_components
+
+    load_components()
     torch.manual_seed(seed)
     net = registry.BACKBONES.get(backbone)(input_shape=shape, num_classes=classes)
     with torch.no_grad():

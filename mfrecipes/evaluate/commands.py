@@ -223,7 +223,9 @@ def _reference_from_shards(url: str, *, n: int, seed: int, extractor, mode: str,
     from mfrecipes import registry
     from mfrecipes.evaluate.fid import FeatureStats, image_features
 
-    registry.ensure_builtins()
+    from mfrecipes.plugins import load_components
+
+    load_components()
     ds = registry.DATASETS.build({"name": "shards", "params": {"urls": url, "conditional": False}},
                                  where="--ref-shards", seed=seed, rank=0, world_size=1)
     real = ds.reference(n, seed)

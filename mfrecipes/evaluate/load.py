@@ -53,7 +53,6 @@ def _read_recipe(run_dir: str, *, allow_imports: bool = False):
     from mfrecipes import plugins
     from mfrecipes.recipe import load_recipe
     from mfrecipes.recipe.build import load_imports
-    from mfrecipes.registry import ensure_builtins
     from mfrecipes.train.rundir import RESOLVED
 
     path = os.path.join(run_dir, RESOLVED)
@@ -67,7 +66,7 @@ def _read_recipe(run_dir: str, *, allow_imports: bool = False):
                           f"from the run directory, not imported by default; pass "
                           f"--allow-imports if you trust this run", path="imports")
     load_imports(recipe)  # a recipe's own modules register its components
-    ensure_builtins()
+    plugins.load_components()
     return recipe
 
 

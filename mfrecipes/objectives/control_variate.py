@@ -23,9 +23,12 @@ MeanFlow, and ``start: 0, end: b`` a warm-up to b.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import attrs
+import torch
+
+from mfrecipes.objectives.planner import TangentRows
 
 __all__ = ["ControlVariate", "CV_SOURCES", "CV_SCHEDULES"]
 
@@ -116,3 +119,29 @@ class ControlVariate:
         if self.schedule == "cosine":
             f = 0.5 * (1 - math.cos(math.pi * f))
         return b0 + (b1 - b0) * f
+
+    def from_net(self, beta: float, ema_net) -> bool:
+        """Whether the proxy is the current net's ``u_cond`` (source "current", or "ema" with no
+        EMA net at hand: the fallback) rather than an EMA call."""
+        return beta > 0 and not (self.source == "ema" and ema_net is not None)
+
+    def tangent_z(self, beta: float, ema_net) -> Optional[Callable[[TangentRows], torch.Tensor]]:
+        """The planner's z tangent ``(1 - beta) v_g + beta stopgrad(proxy)`` on the tangent rows
+        (None at beta = 0: the tangent is v_g). The proxy is ``ema_net(z_t, t, 0, y)``, or the
+        current net's ``u_cond`` when ``from_net`` (the planner must then be told
+        ``reads_cond``)."""
+        if not beta > 0:
+            return None
+        from_net = self.from_net(beta, ema_net)
+
+        def mixed(rows: TangentRows) -> torch.Tensor:
+            if from_net:
+                proxy = rows.u_cond
+            else:
+                with torch.no_grad():
+                    proxy = ema_net(rows.z, rows.t, torch.zeros_like(rows.t),
+                                    rows.y).to(rows.z.dtype)
+            # only the tangent is mixed; the target keeps v_g (Lu & Wang 2026)
+            return (1 - beta) * rows.v_g + beta * proxy
+
+        return mixed

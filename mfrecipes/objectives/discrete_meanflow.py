@@ -44,16 +44,12 @@ import torch
 
 from mfrecipes.objectives.base import (
     ObjectiveOutput,
-    apply_class_dropout,
     as_batch,
-    check_inputs,
-    interpolate,
     masked_mean,
     sum_sq,
     to_floats,
 )
-from mfrecipes.objectives.guidance import Guidance
-from mfrecipes.objectives.meanflow import MeanFlow, MeanFlowBased
+from mfrecipes.objectives.meanflow import MeanFlowBased
 from mfrecipes.registry import OBJECTIVES
 
 __all__ = ["DiscreteMeanFlow", "back_time"]
@@ -144,28 +140,8 @@ class DiscreteMeanFlow(MeanFlowBased):
             out.diagnostics["stage"] = float(stage)
             return out
 
-        check_inputs(x, t, r, noise, y)
-        g: Guidance = self._meanflow._guidance
-        z, v = interpolate(x, noise, t)                   # [B, ...]
-        h = t - r                                         # [B]
-        is_avg = h != 0                                   # [B] r != t
-        y, dropped = self.drop_labels(y, t, r, generator)
-        guided = g.mask(t, y, dropped)                    # [B] bool or None
-        eq_idx = (~is_avg).nonzero().squeeze(1)
-
-        # one batched no-grad CFG call; the r = t rows' u_cond is their prediction
-        cond_idx = uncond_idx = eq_idx[:0]
-        if guided is not None:
-            uncond_idx = guided.nonzero().squeeze(1)
-            if g.needs_cond:
-                cond_idx = (guided & is_avg).nonzero().squeeze(1)
-        u_cond, u_uncond = g.forwards(net, z, t, y, cond_idx, uncond_idx, self.num_classes)
-
-        u = net(z, t, h, y)                               # [B, ...] prediction u(z_t, r, t)
-        if guided is not None and g.needs_cond:
-            u_cond[eq_idx] = u.detach()[eq_idx].to(z.dtype)
-        v_g = v if guided is None else g.mix(v, u_cond, u_uncond, guided)
-
+        z, v, h, is_avg, y, fwd = self._plain_forward(net, x, y, t, r, noise, generator)
+        u, v_g = fwd.u, fwd.v_g
         d, h_back = back_time(t, r, stage, self.q, dagger=self.dagger, eps=self.eps)  # [B]
         # u(z_r, r, r) at the boundary is the instantaneous velocity: v_g (our reading)
         u_back = v_g.clone()                              # [B, ...]
@@ -186,18 +162,7 @@ class DiscreteMeanFlow(MeanFlowBased):
         target = torch.where(discrete, dmf, v_g).detach()
 
         err = sum_sq(u - target)                          # [B]
-        err_d = err.detach()
-        stats = {
-            "stage": float(stage),
-            "dmf_D": masked_mean(d, is_avg),
-            "v_loss": sum_sq(u.detach() - v).mean(),
-            "u_err": masked_mean(err_d, is_avg),
-            "v_err": masked_mean(err_d, ~is_avg),
-            "avg_share": is_avg.float().mean(),
-        }
-        if guided is not None:
-            stats["cfg_share"] = guided.float().mean()
-        if dropped is not None:
-            stats["drop_share"] = dropped.float().mean()
+        stats = {"stage": float(stage), "dmf_D": masked_mean(d, is_avg),
+                 **fwd.diagnostics(err, v, is_avg)}
         return ObjectiveOutput(err=err, is_average=is_avg, u=u.detach(), target=target,
                                diagnostics=to_floats(stats))

@@ -35,7 +35,8 @@ from mfrecipes.objectives.base import (
 )
 from mfrecipes.objectives.control_variate import ControlVariate
 from mfrecipes.objectives.guidance import Guidance
-from mfrecipes.objectives.jvp import JVP_IMPLS, jvp_forward, jvp_precision, takes_leading_rows
+from mfrecipes.objectives.jvp import JVP_IMPLS
+from mfrecipes.objectives.planner import ForwardPlanner, Tangent
 from mfrecipes.registry import OBJECTIVES
 
 __all__ = ["MeanFlow", "MeanFlowBased", "MeanFlowSettings"]
@@ -43,14 +44,6 @@ __all__ = ["MeanFlow", "MeanFlowBased", "MeanFlowSettings"]
 JVP_DTYPES = (None, "float32")
 V_NOISE_SCALES = ("per_element", "per_sample_norm")
 DROPOUT_ROWS = ("r_eq_t", "any")
-
-
-def _rows(mask: torch.Tensor) -> torch.Tensor:
-    return mask.nonzero().squeeze(1)
-
-
-def _take(x: Optional[torch.Tensor], idx: torch.Tensor) -> Optional[torch.Tensor]:
-    return None if x is None else x[idx]
 
 
 @attrs.frozen
@@ -142,6 +135,7 @@ class MeanFlow(MeanFlowSettings):
     tangent_h: float = 1.0
     _guidance: Guidance = attrs.field(init=False, repr=False, eq=False)
     _cv: ControlVariate = attrs.field(init=False, repr=False, eq=False)
+    _planner: ForwardPlanner = attrs.field(init=False, repr=False, eq=False)
 
     @_guidance.default
     def _make_guidance(self) -> Guidance:
@@ -152,6 +146,10 @@ class MeanFlow(MeanFlowSettings):
         return ControlVariate(beta=self.beta_cv, source=self.beta_cv_source,
                               schedule=self.beta_cv_schedule, start=self.beta_cv_start,
                               end=self.beta_cv_end, s0=self.beta_cv_s0, s1=self.beta_cv_s1)
+
+    @_planner.default
+    def _make_planner(self) -> ForwardPlanner:
+        return ForwardPlanner(self._guidance, self.num_classes, self.jvp_impl, self.jvp_dtype)
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.selective, bool):
@@ -190,126 +188,54 @@ class MeanFlow(MeanFlowSettings):
         """x, noise [B, ...]; y [B] long or None; t, r [B] with r <= t; ``generator`` drives class
         dropout, v_noise and the anchor's delta (default: the global RNG)."""
         check_inputs(x, t, r, noise, y)
-        g = self._guidance
-        z, v = interpolate(x, noise, t)                   # [B, ...]
+        z, v = interpolate(x, noise, t)                   # [B, ...] z_t and v = e - x
         h = t - r                                         # [B]
         is_avg = h != 0                                   # [B] r != t
         y, dropped = self.drop_labels(y, t, r, generator)
-        guided = g.mask(t, y, dropped)                    # [B] bool or None
         beta = self._cv.at(progress)
-
-        jvp_rows = is_avg if self.selective else torch.ones_like(is_avg)
-        jvp_idx, plain_idx = _rows(jvp_rows), _rows(~jvp_rows)
-
-        # -- one batched no-grad call: u_uncond for guided rows, u_cond where the tangent needs it
-        ema_fallback = beta > 0 and self.beta_cv_source == "ema" and ema_net is None
-        proxy_from_net = beta > 0 and not (self.beta_cv_source == "ema" and ema_net is not None)
-        need_cond = torch.zeros_like(is_avg)
-        if guided is not None and g.needs_cond:
-            need_cond |= guided & jvp_rows  # r = t rows in the plain pass use their prediction
-        if proxy_from_net:
-            need_cond |= jvp_rows
-        cond_idx = _rows(need_cond)
-        uncond_idx = _rows(guided) if guided is not None else cond_idx[:0]
-        u_cond, u_uncond = g.forwards(net, z, t, y, cond_idx, uncond_idx, self.num_classes)
-
-        # One call for the whole batch when the backbone takes tangents for leading rows: r != t
-        # rows first, so the r = t rows share the primal's matmuls and its autograd graph.
-        fuse = (len(jvp_idx) > 0 and len(plain_idx) > 0 and self.jvp_dtype is None
-                and takes_leading_rows(net, self.jvp_impl))
-        order = torch.cat([jvp_idx, plain_idx])
-        n_jvp = len(jvp_idx)
-
-        # -- JVP rows: prediction and total derivative from one call
-        parts_u, parts_tgt = [], []
-        if n_jvp:
-            v_j = v[jvp_idx]
-            v_g_j = v_j if guided is None else g.mix(v_j, u_cond[jvp_idx], u_uncond[jvp_idx],
-                                                     guided[jvp_idx])
-            tangent = v_g_j
-            if beta > 0:
-                if proxy_from_net:
-                    proxy = u_cond[jvp_idx]
-                else:
-                    with torch.no_grad():
-                        proxy = ema_net(z[jvp_idx], t[jvp_idx], torch.zeros_like(t[jvp_idx]),
-                                        _take(y, jvp_idx)).to(z.dtype)
-                # control variate (Lu & Wang): only the tangent is mixed, the target keeps v_g
-                tangent = (1 - beta) * v_g_j + beta * proxy
-            with jvp_precision(self.jvp_dtype, z.device.type) as cast:
-                rows = order if fuse else jvp_idx
-                zj, tj, hj, tangent_j, v_g_c = z[rows], t[rows], h[rows], tangent, v_g_j
-                if cast is not None:
-                    zj, tj, hj, tangent_j, v_g_c = (a.to(cast)
-                                                    for a in (zj, tj, hj, tangent_j, v_g_c))
-                ones = torch.ones_like(tj[:n_jvp])
-                # h = t - r is formed from (t, r) with tangents (1, 0): its tangent is 1 (METHOD 2)
-                dh = ones if self.tangent_h == 1 else ones * self.tangent_h
-                u_rows, dudt = jvp_forward(net, zj, tj, hj, _take(y, rows), tangent_j, ones,
-                                           dh, impl=self.jvp_impl)  # u [len(rows)], du [K]
-                # MeanFlow target (Kim et al. 2025, Eq. 4)
-                tgt_j = v_g_c - as_batch(hj[:n_jvp], dudt) * dudt
-            u_j = u_rows[:n_jvp]
-            if fuse:
-                u_p = u_rows[n_jvp:]
-            parts_u.append(u_j)
-            parts_tgt.append(tgt_j.detach())
-
-        # -- r = t rows (selective path): plain forward, target v_g (Kim et al. 2025, Eq. 5)
-        if len(plain_idx):
-            if not fuse:
-                u_p = net(z[plain_idx], t[plain_idx], h[plain_idx], _take(y, plain_idx))
-            if guided is not None and g.needs_cond:
-                u_cond[plain_idx] = u_p.detach().to(z.dtype)  # u(z_t, t, t) is u_cond itself
-            if self.jvp_dtype is not None:
-                u_p = u_p.to(getattr(torch, self.jvp_dtype))
-            parts_u.append(u_p)
-            parts_tgt.append(None)  # filled from v_g below
-
-        v_g = v if guided is None else g.mix(v, u_cond, u_uncond, guided)   # [B, ...]
-        if len(plain_idx):
-            parts_tgt[-1] = v_g[plain_idx].to(parts_u[-1].dtype)
-        inverse = torch.argsort(order)
-        u = torch.cat(parts_u)[inverse]                    # [B, ...] back in batch order
-        target = torch.cat(parts_tgt)[inverse].detach()
-
+        # du/dt along (v_g or the control-variate tangent, dt = 1, dh = 1): METHOD section 2;
+        # on the r = t rows the JVP term is multiplied by 0, so selective skips their tangent
+        rows = is_avg if self.selective else torch.ones_like(is_avg)
+        tangent = Tangent(rows, dz=self._cv.tangent_z(beta, ema_net), dh=self.tangent_h,
+                          reads_cond=self._cv.from_net(beta, ema_net))
+        fwd = self._planner(net, z, v, t, h, y, dropped, tangent)
+        # u_tgt = stopgrad(v_g - (t - r) du/dt) (Kim et al. 2025, Eq. 4); v_g at r = t (Eq. 5)
+        target = fwd.assemble(fwd.v_g - as_batch(h, fwd.dudt) * fwd.dudt)
         if self.v_noise > 0:
-            # v-target corruption (Kim et al. 2025, Fig. 3), on the L_v targets only: k ||v|| n
-            # (or k ||v|| n / sqrt(dim) with v_noise_scale: per_sample_norm)
-            scale = self.v_noise * v.flatten(1).norm(dim=1)
-            if self.v_noise_scale == "per_sample_norm":
-                scale = scale / sample_dim(v) ** 0.5
-            corrupt = as_batch(scale, v) * randn_like_sample(v, generator)
-            target = target + torch.where(as_batch(is_avg, v), 0.0, corrupt).to(target.dtype)
-
-        err = sum_sq(u - target)                           # [B]
+            target = target + self._v_corruption(v, is_avg, generator).to(target.dtype)
+        err = sum_sq(fwd.u - target)                      # [B]
         stats = {}
         if self.fm_anchor_weight > 0:
-            delta = draw(torch.rand, t.shape, generator, t.device, t.dtype)
-            delta = torch.minimum(delta * self.fm_anchor_delta, t)  # keep r = t - delta >= 0
-            anchor = sum_sq(net(z, t, delta, y) - v_g.detach())
+            anchor = self._anchor(net, z, t, y, fwd.v_g, generator)
             err = err + self.fm_anchor_weight * anchor.to(err.dtype)
             stats["anchor_err"] = anchor.detach().mean()
-
-        u_d = u.detach()
-        err_d = err.detach()
-        stats.update(
-            v_loss=sum_sq(u_d - v.to(u_d.dtype)).mean(),
-            u_err=masked_mean(err_d, is_avg),
-            v_err=masked_mean(err_d, ~is_avg),
-            avg_share=is_avg.float().mean(),
-        )
-        if guided is not None:
-            stats["cfg_share"] = guided.float().mean()
+        stats.update(fwd.diagnostics(err, v, is_avg))
         if dropped is not None:
-            stats["drop_share"] = dropped.float().mean()
             stats["drop_share_u_rows"] = masked_mean(dropped.float(), is_avg)
         if self._cv.enabled:
             stats["beta_cv"] = beta
-            stats["cv_ema_fallback"] = float(ema_fallback)
-        return ObjectiveOutput(err=err, is_average=is_avg, u=u_d, target=target,
+            stats["cv_ema_fallback"] = float(beta > 0 and self.beta_cv_source == "ema"
+                                             and ema_net is None)
+        return ObjectiveOutput(err=err, is_average=is_avg, u=fwd.u.detach(), target=target,
                                diagnostics=to_floats(stats))
 
+    def _v_corruption(self, v: torch.Tensor, is_avg: torch.Tensor,
+                      generator: Optional[torch.Generator]) -> torch.Tensor:
+        """v-target corruption (Kim et al. 2025, Fig. 3) on the r = t targets only: k ||v|| n,
+        or k ||v|| n / sqrt(dim) with v_noise_scale per_sample_norm; 0 on the r != t rows."""
+        scale = self.v_noise * v.flatten(1).norm(dim=1)
+        if self.v_noise_scale == "per_sample_norm":
+            scale = scale / sample_dim(v) ** 0.5
+        corrupt = as_batch(scale, v) * randn_like_sample(v, generator)
+        return torch.where(as_batch(is_avg, v), 0.0, corrupt)
+
+    def _anchor(self, net, z: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor],
+                v_g: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Flow-matching anchor ||u(z_t, t, h=delta) - v_g||^2 [B], delta ~ U[0, fm_anchor_delta]
+        clipped to t (so r = t - delta >= 0). One extra forward."""
+        delta = draw(torch.rand, t.shape, generator, t.device, t.dtype)
+        delta = torch.minimum(delta * self.fm_anchor_delta, t)
+        return sum_sq(net(z, t, delta, y) - v_g)
 
 
 @attrs.frozen
@@ -324,3 +250,15 @@ class MeanFlowBased(MeanFlowSettings):
     def _make_meanflow(self) -> MeanFlow:
         names = [f.name for f in attrs.fields(MeanFlowSettings)]  # the settings, none else
         return MeanFlow(**{name: getattr(self, name) for name in names})
+
+    def _plain_forward(self, net, x: torch.Tensor, y: Optional[torch.Tensor], t: torch.Tensor,
+                       r: torch.Tensor, noise: torch.Tensor, generator: Optional[torch.Generator]):
+        """The start of a stage without a JVP: ``(z_t, v, h, r != t mask, labels after class
+        dropout, Forward)`` where the planner ran the CFG forwards and the prediction
+        u(z_t, r, t) of every row (no tangent)."""
+        check_inputs(x, t, r, noise, y)
+        z, v = interpolate(x, noise, t)                   # [B, ...]
+        h = t - r                                         # [B]
+        y, dropped = self.drop_labels(y, t, r, generator)
+        fwd = self._meanflow._planner(net, z, v, t, h, y, dropped)
+        return z, v, h, h != 0, y, fwd

@@ -37,7 +37,7 @@ def check_recipe(recipe: Recipe, *, for_run: bool = False) -> dict[str, Any]:
     a plain check and an error when ``for_run`` (training is about to start).
     """
     load_imports(recipe)
-    registry.ensure_builtins()
+    plugins.load_components()
     parts = _check_single(recipe)
     plan = stage_plan(recipe)
     if len(plan) > 1:
@@ -262,7 +262,7 @@ def with_component_defaults(resolved: dict) -> dict:
     written (the check reports it)."""
     import copy
 
-    registry.ensure_builtins()
+    plugins.load_components()
     out = copy.deepcopy(resolved)
     for section in COMPONENT_SECTIONS:
         block = out.get(section)
@@ -316,6 +316,7 @@ def _build(reg: registry.Registry, block: dict, where: str, **runtime: Any) -> A
     be in [0, 1], got 1.5``) is reported at that parameter's key path."""
     import re
 
+    plugins.load_components()
     try:
         return reg.build(block, where=where, **runtime)
     except RecipeError as err:
