@@ -51,6 +51,9 @@ SOLVER_STEPS = 32                                   # RK4 steps on [0, 1] (a mul
 TRAJ_TIMES = tuple(k / 8 for k in range(9))         # 0, 1/8, ..., 1 (0 = Phi, 1 = z_1)
 GAP_BINS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 CACHE_VERSION = 1
+# What the loop and ``mfr eval`` use: 2,048 probes (map1, map2), 1,024 with trajectories
+# (v_err, u_err), 32 RK4 steps (datasets/mixture.md: solver error and evaluation cost).
+DEFAULTS = {"probes": 2048, "traj_probes": 1024, "steps": SOLVER_STEPS}
 _LOADED: dict[str, "ProbeSet"] = {}                 # one load per process and cache key
 
 
@@ -345,4 +348,5 @@ def run_exact(net, dataset, objective, *, cache_dir: Union[str, os.PathLike, Non
               **kw) -> dict[str, float]:
     """The loop's and ``mfr eval``'s call: the metrics under the objective's guidance target."""
     target = guidance_of(objective, conditional=dataset.info.num_classes is not None)
-    return exact_metrics(net, dataset, target=target, cache_dir=cache_dir, device=device, **kw)
+    return exact_metrics(net, dataset, target=target, cache_dir=cache_dir, device=device,
+                         **{**DEFAULTS, **kw})
