@@ -234,3 +234,22 @@ def test_common_random_numbers_across_recipes_and_the_aa_salt(tmp_path):
         assert torch.equal(base[k], salted[k]), k
     assert not torch.allclose(base["x"], salted["x"])
     assert not torch.equal(base["y"], salted["y"])
+
+
+@pytest.mark.parametrize("rel", ["_base/testbed.yaml",
+                                 "testbed/gpu/meanflow.yaml"])
+def test_testbed_recipes_check(rel):
+    from pathlib import Path
+
+    from mfrecipes.recipe import load_recipe
+    from mfrecipes.data.mixture import Mixture as M
+    from mfrecipes.recipe.build import check_recipe
+
+    recipe, data = load_recipe(str(Path(__file__).resolve().parents[1] / "recipes" / rel))
+    check_recipe(recipe)
+    gpu = "gpu" in rel
+    assert data["data"]["name"] == "mixture"
+    assert data["objective"]["params"]["omega"] == 1.0 and data["objective"]["params"]["kappa"] == 0.5
+    assert data["train"]["total_images"] // data["eval"]["every_images"] >= 8   # a curve
+    info = M.static_info(**data["data"]["params"])
+    assert info.sample_shape == ((3, 32, 32) if gpu else (1, 16, 16)) and info.num_classes == 10
