@@ -4,6 +4,9 @@ Metrics per dataset:
 
 - 2-D points: sliced Wasserstein-1 to fresh reference samples (``swd``);
 - scikit-learn digits: Frechet distance in the features of a small cached classifier (``fd_digits``);
+- the ``mixture`` test bed: Frechet distance to the mixture's exact mean and covariance
+  (``fd_exact``); its noise-free metrics against the exact flow (``map1``, ``map2``, ``v_err``,
+  ``u_err/g..``) live in ``exact.py`` and are logged as ``eval/exact/<name>``;
 - other image or latent sets: none here; FID against reference statistics (clean-fid) is
   computed by ``mfr eval`` (``fid.py``, ``commands.py``).
 
@@ -57,6 +60,13 @@ def _digits_quality(dataset, samples: torch.Tensor, *, cache_dir, seed: int) -> 
     from mfrecipes.evaluate.digits_classifier import digits_fd
 
     return {"fd_digits": digits_fd(samples, cache_dir)}
+
+
+@register_quality(name="mixture")
+def _mixture_quality(dataset, samples: torch.Tensor, *, cache_dir, seed: int) -> dict:
+    from mfrecipes.evaluate.exact import fd_exact
+
+    return {"fd_exact": fd_exact(dataset, samples)}
 
 
 def quality(dataset, samples: torch.Tensor, *, cache_dir: Union[str, os.PathLike, None] = None,

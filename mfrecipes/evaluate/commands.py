@@ -22,7 +22,9 @@ Files of ``mfr sample`` (in ``--out``, default ``RUN_DIR/samples``), stem
   FID tools read.
 
 ``mfr eval`` appends one JSON record per call to ``RUN_DIR/eval.jsonl`` with keys
-``eval/<tag>/<metric>`` (as in metrics.jsonl) beside the checkpoint, weights and settings.
+``eval/<tag>/<metric>`` (as in metrics.jsonl) beside the checkpoint, weights and settings; on the
+``mixture`` test bed also the exact metrics ``eval/exact/<metric>`` (``exact.py``), under the
+guidance target of the recipe's (last stage's) objective.
 """
 from __future__ import annotations
 
@@ -338,6 +340,15 @@ def eval_run(run_dir: str, *, specs: Sequence[SamplerSpec] = (SamplerSpec(1),),
         if has_quality:
             q = evaluate.quality(run.get_dataset(), torch.cat(kept), cache_dir=cache, seed=seed)
             record.update({f"eval/{spec.tag}/{k}": v for k, v in q.items()})
+    from mfrecipes.evaluate import exact
+
+    if info.name == "mixture" and exact.applies(run.get_dataset()):  # the test bed: noise-free metrics vs the exact flow
+        from mfrecipes.recipe.build import build_light, stage_plan
+
+        last = stage_plan(run.recipe)[-1].recipe
+        objective = build_light(last, num_classes=info.num_classes, device=dev)["objective"]
+        record.update({f"eval/exact/{k}": v for k, v in exact.run_exact(
+            run.net, run.get_dataset(), objective, cache_dir=cache, device=dev).items()})
     if write:
         append_eval(run_dir, record)
     return record

@@ -335,6 +335,7 @@ class Trainer:
 
     def _evaluate(self, logger: RunLogger) -> dict[str, float]:
         from mfrecipes import evaluate, generate, plots
+        from mfrecipes.evaluate import exact
 
         ev = self.recipe.eval
         net = self.ema.module()
@@ -366,6 +367,10 @@ class Trainer:
                                        seed=ev.seed)
             for k, v in quality.items():
                 record[f"eval/nfe{nfe}/{k}"] = float(v)
+        if exact.applies(self.dataset):  # the test bed: noise-free metrics vs the exact flow
+            record.update({f"eval/exact/{k}": v for k, v in exact.run_exact(
+                net, self.dataset, self.objective, cache_dir=rbuild.default_cache_dir(self.recipe),
+                device=self.device).items()})
         logger.log({"images": self.images, "step": self.step, **record})
         return record
 
