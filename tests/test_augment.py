@@ -2,10 +2,13 @@
 the labels, the seeded draws, and the wrapper that hands the labels to the U-Net."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from mfrecipes.data.augment import LABELS, EdmAugment, LabelChannels, geometric
+from mfrecipes.data.augment import (COLOUR_LABELS, LABELS, EdmAugment, LabelChannels,
+                                    colour, geometric)
 from mfrecipes.errors import RecipeError
 from mfrecipes.registry import TRANSFORMS
 from mfrecipes.train.streams import RandomStreams
@@ -16,6 +19,17 @@ def _labels(b, **values):
     for k, v in values.items():
         lab[:, LABELS.index(k)] = v
     return lab
+
+
+def _colour_labels(b, **values):
+    lab = torch.zeros(b, len(COLOUR_LABELS), dtype=torch.float64)
+    for k, v in values.items():
+        lab[:, COLOUR_LABELS.index(k)] = v
+    return lab
+
+
+def _hue(theta):
+    return {"hue_cos": math.cos(theta) - 1, "hue_sin": math.sin(theta)}
 
 
 def _reflect(i, n):  # a slow reference: bounce off the edges until inside [0, n)
@@ -160,3 +174,113 @@ def test_label_channels_reach_the_unet_and_have_zero_tangent():
     eps = 1e-6
     f = lambda s: net(x + s * dz[:, :3], t + s, h + s, None, augment_labels=lab)  # noqa: E731
     assert torch.allclose(ref, (f(eps) - f(-eps)) / (2 * eps), atol=1e-6)
+
+
+# -- colour --------------------------------------------------------------------------------------
+# References written per channel in float64: luma = the mean of R, G, B; chroma = x - luma.
+def _luma(x):
+    return x.mean(dim=1, keepdim=True)
+
+
+def test_brightness_and_contrast_on_every_channel():
+    x = torch.randn(4, 3, 5, 6, dtype=torch.float64)
+    b = torch.tensor([0.3, -0.7, 0.0, 1.1], dtype=torch.float64)
+    lab = _colour_labels(4)
+    lab[:, 0] = b
+    assert torch.allclose(colour(x, lab), x + b[:, None, None, None], atol=1e-12)
+    # contrast: every channel times c, about 0 (the mid grey of [-1, 1] data)
+    assert torch.allclose(colour(x, _colour_labels(4, contrast=1.0)), 2 * x, atol=1e-12)
+    assert torch.allclose(colour(x, _colour_labels(4, contrast=-2.0)), x / 4, atol=1e-12)
+    # composed, brightness first: c (x + b)
+    assert torch.allclose(colour(x, _colour_labels(4, brightness=0.5, contrast=1.0)),
+                          2 * (x + 0.5), atol=1e-12)
+    # a grey image takes them too
+    g = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    assert torch.allclose(colour(g, _colour_labels(2, brightness=0.5, contrast=1.0)),
+                          2 * (g + 0.5), atol=1e-12)
+    with pytest.raises(ValueError, match="only brightness and contrast"):
+        colour(g, _colour_labels(2, saturation=1.0))
+
+
+def test_saturation_scales_chroma_about_the_luma():
+    x = torch.randn(3, 3, 4, 5, dtype=torch.float64)
+    grey = colour(x, _colour_labels(3, saturation=-math.inf))          # s = 0
+    assert torch.allclose(grey, _luma(x).expand_as(x), atol=1e-12)      # every channel = luma
+    out = colour(x, _colour_labels(3, saturation=1.0))                  # s = 2
+    assert torch.allclose(out, _luma(x) + 2 * (x - _luma(x)), atol=1e-12)
+
+
+def test_hue_rotation_about_the_grey_axis():
+    x = torch.randn(3, 3, 4, 5, dtype=torch.float64)
+    # +120 degrees about (1, 1, 1) is the cyclic channel move R -> G -> B -> R
+    out = colour(x, _colour_labels(3, **_hue(2 * math.pi / 3)))
+    assert torch.allclose(out, x[:, [2, 0, 1]], atol=1e-12)
+    # a full turn (three steps of 120 degrees) is the identity; any angle keeps the luma and the
+    # chroma's length, and the turn back by -theta undoes it
+    y = x
+    for _ in range(3):
+        y = colour(y, _colour_labels(3, **_hue(2 * math.pi / 3)))
+    assert torch.allclose(y, x, atol=1e-12)
+    for theta in (0.4, -2.5, math.pi):
+        out = colour(x, _colour_labels(3, **_hue(theta)))
+        assert torch.allclose(_luma(out), _luma(x), atol=1e-12)
+        assert torch.allclose((out - _luma(out)).norm(dim=1), (x - _luma(x)).norm(dim=1),
+                              atol=1e-12)
+        assert not torch.allclose(out, x, atol=1e-3)
+        back = colour(out, _colour_labels(3, **_hue(-theta)))
+        assert torch.allclose(back, x, atol=1e-12)
+
+
+def test_luma_flip_negates_the_luma_and_is_an_involution():
+    x = torch.randn(3, 3, 4, 5, dtype=torch.float64)
+    out = colour(x, _colour_labels(3, luma_flip=1.0))
+    assert torch.allclose(out, x - 2 * _luma(x), atol=1e-12)   # luma -> -luma, chroma kept
+    assert torch.allclose(colour(out, _colour_labels(3, luma_flip=1.0)), x, atol=1e-12)
+
+
+def test_colour_draws_labels_and_rows():
+    x = torch.randn(64, 3, 8, 8)
+    aug = EdmAugment(p=0.3, colour=True)
+    assert aug.label_dim == 12 and EdmAugment().label_dim == 6
+    out, lab = aug(x, generator=torch.Generator().manual_seed(0))
+    assert lab.shape == (64, 12)
+    untouched = (lab == 0).all(dim=1)
+    assert 0 < int(untouched.sum()) < 64
+    assert torch.equal(out[untouched], x[untouched])
+    assert torch.equal(out, colour(geometric(x, lab[:, :6]), lab[:, 6:]))
+    # the geometric labels are the colour-free ones: the colour draws come after them
+    _, lab6 = EdmAugment(p=0.3)(x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(lab[:, :6], lab6)
+    # the hue labels lie on the circle (cos - 1, sin) and are zero together
+    c, s = lab[:, 9].double() + 1, lab[:, 10].double()
+    hue = (lab[:, 9] != 0) | (lab[:, 10] != 0)
+    assert torch.allclose(c[hue] ** 2 + s[hue] ** 2, torch.ones(int(hue.sum()), dtype=c.dtype),
+                          atol=1e-6)
+    assert set(lab[:, 8].tolist()) <= {0.0, 1.0}
+    # p = 0: identity, all labels zero; p = 1: every continuous colour label on every row
+    out0, lab0 = EdmAugment(p=0.0, colour=True)(x, generator=torch.Generator().manual_seed(0))
+    assert out0 is x and lab0.shape == (64, 12) and not lab0.any()
+    _, lab1 = EdmAugment(p=1.0, colour=True)(x, generator=torch.Generator().manual_seed(0))
+    assert (lab1[:, [6, 7, 10, 11]] != 0).all()
+    # a grey image: brightness and contrast only
+    g = torch.randn(32, 1, 8, 8)
+    out, lab = EdmAugment(p=1.0, colour=True)(g, generator=torch.Generator().manual_seed(0))
+    assert (lab[:, 6:8] != 0).all() and not lab[:, 8:].any()
+    assert torch.equal(out, colour(geometric(g, lab[:, :6]), lab[:, 6:]))
+    with pytest.raises(ValueError, match="3 channels"):
+        aug(torch.randn(2, 4, 8, 8))
+
+
+def test_colour_draw_count_does_not_depend_on_p_or_channels():
+    states = []
+    for p, ch in ((0.0, 3), (0.9, 3), (0.5, 1)):
+        g = torch.Generator().manual_seed(1)
+        EdmAugment(p=p, colour=True).draw(16, 8, 8, g, channels=ch)
+        states.append(g.get_state())
+    assert all(torch.equal(states[0], st) for st in states[1:])
+    g = torch.Generator().manual_seed(1)
+    EdmAugment(p=0.5).draw(16, 8, 8, g)
+    assert not torch.equal(g.get_state(), states[0])   # colour draws more
+    with pytest.raises(RecipeError, match="colour must be true or false"):
+        TRANSFORMS.build({"name": "edm_augment", "params": {"colour": "yes"}},
+                         where="train.augment")

@@ -143,6 +143,13 @@ class Trainer:
             raise RecipeError(f"train.augment {block.name!r} needs image data (C, H, W), got "
                               f"sample_shape {tuple(self.info.sample_shape)}",
                               path="train.augment")
+        check_channels = getattr(self.augment, "check_channels", None)
+        if check_channels is not None:
+            try:
+                check_channels(int(self.info.sample_shape[0]))
+            except ValueError as err:
+                raise RecipeError(f"train.augment {block.name!r}: {err}",
+                                  path="train.augment.params") from err
         if have != want:
             raise RecipeError(
                 f"train.augment {block.name!r} gives {want} conditioning labels but the backbone "
