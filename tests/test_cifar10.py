@@ -209,6 +209,32 @@ def test_augmentation_needs_the_backbone_labels(archive, tmp_path):
     assert err.value.path == "backbone.params.augment_dim"
 
 
+
+def test_colour_augmentation_trains_with_twelve_labels(archive, tmp_path):
+    """colour: true gives 12 labels: a unet_tiny with augment_dim 12 trains on them (every colour
+    label's input weight moves, so the labels reach the network), and augment_dim 6 is refused
+    with the message naming 12."""
+    from mfrecipes.errors import RecipeError
+    from mfrecipes.train.loop import Trainer
+
+    colour = ["train.augment.params.colour=true", "train.augment.params.p=1.0"]
+    recipe, data = _cpu_meanflow(archive, tmp_path, *colour, "backbone.params.augment_dim=12",
+                                 "train.total_images=16", "train.lr_schedule.kind=constant")
+    trainer = Trainer(recipe, data, str(tmp_path / "colour"))
+    before = trainer.net.map_augment.weight.detach().clone()
+    assert before.shape[1] == 12
+    out = trainer.run()
+    assert out["images"] == 16 and out["nonfinite"] == 0
+    moved = (trainer.net.map_augment.weight.detach() != before).any(dim=0)
+    # p = 1: every label was nonzero somewhere (the zero-initialised output layer passes no
+    # gradient to the label projection at the first step, hence two steps, at a constant rate:
+    # the cosine schedule would reach 0 on the last one)
+    assert moved.all()
+    recipe, data = _cpu_meanflow(archive, tmp_path, *colour)    # augment_dim 6 stays
+    with pytest.raises(RecipeError, match="gives 12 conditioning labels.*augment_dim: 12") as err:
+        Trainer(recipe, data, str(tmp_path / "bad"))
+    assert err.value.path == "backbone.params.augment_dim"
+
 # -- FID on CIFAR-10 (mfr eval) ------------------------------------------------------------------
 class _TinyFeatures(torch.nn.Module):
     """A stand-in for the Inception file: a custom TorchScript extractor (no ``layers``), fed the
