@@ -284,3 +284,31 @@ def test_colour_draw_count_does_not_depend_on_p_or_channels():
     with pytest.raises(RecipeError, match="colour must be true or false"):
         TRANSFORMS.build({"name": "edm_augment", "params": {"colour": "yes"}},
                          where="train.augment")
+
+
+def test_grey_images_train_with_brightness_and_contrast_only(tmp_path):
+    """The 1-channel digits through the real trainer with colour: true: the brightness and
+    contrast labels reach the U-Net (their input weights move), the luma flip, hue and saturation
+    labels stay zero (their weights do not)."""
+    import os
+
+    from mfrecipes.recipe import load_recipe
+    from mfrecipes.train.loop import Trainer
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    recipe, data = load_recipe(os.path.join(repo, "recipes", "quickstart.yaml"), [
+        "backbone={name: unet_tiny, params: {augment_dim: 12}}",
+        "train.augment={name: edm_augment, params: {p: 1.0, colour: true}}",
+        "train.total_images=16", "train.global_batch_size=8", "train.log_every_images=8",
+        "train.checkpoint_every_images=null", "eval.every_images=null", "eval.at_end=false",
+        "run.device=cpu", "train.progress_bar=false"])
+    trainer = Trainer(recipe, data, str(tmp_path / "run"))
+    assert trainer.info.sample_shape[0] == 1
+    before = trainer.net.map_augment.weight.detach().clone()
+    out = trainer.run()   # two steps: the zero-initialised output layer blocks the first
+    assert out["images"] == 16 and out["nonfinite"] == 0
+    moved = (trainer.net.map_augment.weight.detach() != before).any(dim=0)
+    assert moved[:8].all() and not moved[8:].any()
+    with pytest.raises(ValueError, match="got 4 channels"):
+        EdmAugment(colour=True).check_channels(4)
+    EdmAugment().check_channels(4)   # the geometric part takes any channel count
