@@ -138,6 +138,15 @@ def test_bad_params_are_recipe_errors():
     with pytest.raises(RecipeError, match="p must be in") as err:
         check_recipe(recipe)
     assert err.value.path == "train.augment.params"
+    # mfr check also compares the label count with the backbone's augment_dim
+    recipe, _ = load_recipe(os.path.join(repo, "recipes", "cifar10", "meanflow.yaml"),
+                            ["train.augment.params.colour=true"])
+    with pytest.raises(RecipeError, match="gives 12 conditioning labels.*augment_dim: 12") as err:
+        check_recipe(recipe)
+    assert err.value.path == "backbone.params.augment_dim"
+    recipe, _ = load_recipe(os.path.join(repo, "recipes", "cifar10", "meanflow.yaml"),
+                            ["train.augment.params.colour=true", "backbone.params.augment_dim=12"])
+    check_recipe(recipe)
     with pytest.raises(RecipeError, match="unknown parameter 'prob'"):
         TRANSFORMS.check_params({"name": "edm_augment", "params": {"prob": 0.1}},
                                 where="train.augment")

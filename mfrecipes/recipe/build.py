@@ -116,7 +116,8 @@ def _check_single(recipe: Recipe) -> dict[str, Any]:
         check_param_types(LOGGERS.get(block["name"]), block.get("params") or {},
                           f"{path}.params", skip=LOGGERS.runtime_args)
     if recipe.train.augment is not None:
-        registry.TRANSFORMS.build(recipe.train.augment.as_dict(), where="train.augment")  # cheap
+        aug = registry.TRANSFORMS.build(recipe.train.augment.as_dict(), where="train.augment")
+        _check_augment_dim(recipe, getattr(aug, "label_dim", None))
     ds_entry = registry.DATASETS.entry(recipe.data.name, where="data.name")
     info = _static_data_info(ds_entry.obj, recipe.data.params)
     if info is None:
@@ -129,6 +130,22 @@ def _check_single(recipe: Recipe) -> dict[str, Any]:
     with torch.device("meta"):
         build_backbone(recipe, info)
     return parts
+
+
+def _check_augment_dim(recipe: Recipe, want: Any) -> None:
+    """The transform's label count against the backbone's ``augment_dim`` parameter, without
+    building it (the trainer checks the built network again); only for backbones that take the
+    parameter."""
+    defaults = registry.BACKBONES.entry(recipe.backbone.name, where="backbone.name").parameters()
+    if want is None or "augment_dim" not in defaults:
+        return
+    have = (recipe.backbone.as_dict().get("params") or {}).get("augment_dim",
+                                                              defaults["augment_dim"])
+    if have != want:
+        raise RecipeError(
+            f"train.augment {recipe.train.augment.name!r} gives {want} conditioning labels but "
+            f"the backbone {recipe.backbone.name!r} takes {have}; set "
+            f"backbone.params.augment_dim: {want}", path="backbone.params.augment_dim")
 
 
 def _check_attrs_params(factory, params: dict, where: str) -> None:
