@@ -27,8 +27,9 @@ def ds():
 
 def test_guidance_target_is_the_fixed_point_of_the_objective(ds):
     from mfrecipes import registry
+    from mfrecipes.plugins import load_components
 
-    registry.ensure_builtins()
+    load_components()
 
     def build(name, **params):
         return registry.OBJECTIVES.build({"name": name, "params": params}, where="objective",
