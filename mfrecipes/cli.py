@@ -1,4 +1,4 @@
-"""The ``mfr`` command: run | check | show | list | sample | eval | export.
+"""The ``mfr`` command: run | check | show | list | check-plugin | sample | eval | export.
 
 Every error a user can cause ends in one message (what, where, what would be valid) on stderr and a
 non-zero exit, never a traceback. Options and dotted overrides may come in any order
@@ -47,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     lst.add_argument("kind", nargs="?", help="backbone, objective, timestep_sampler, "
                                              "loss_weighting, gap_schedule or dataset")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
+    cp = sub.add_parser("check-plugin", help="run the contract checks on a registered component "
+                                             "(a plugin's, or a built-in)")
+    cp.add_argument("name", help="registered name, as in `mfr list`")
+    cp.add_argument("--kind", default=None, help="timestep_sampler, loss_weighting, gap_schedule, "
+                                                  "objective, backbone or dataset (default: every "
+                                                  "kind that registers NAME)")
+    cp.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="a component parameter (YAML value), repeatable")
     _add_sample_eval(sub)
 
     exp = sub.add_parser("export", help="write a trained model as a self-describing folder "
@@ -285,6 +293,44 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_check_plugin(args) -> int:
+    """Print pass/fail per contract check; exit 0 when all pass, 1 when one fails."""
+    from mfrecipes.recipe.load import safe_yaml
+    from mfrecipes.testing import KINDS, check_component, kinds_of
+
+    params = {}
+    for i, text in enumerate(args.param):
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"expected KEY=VALUE, got {text!r}", path=f"--param[{i}]")
+        params[key] = safe_yaml(value, "a --param value", f"--param {key}")
+    if args.kind is not None:
+        kinds = [args.kind]
+    else:
+        kinds = kinds_of(args.name)
+        if not kinds:
+            import difflib
+
+            from mfrecipes.registry import ALL_REGISTRIES
+
+            names = {n: k for k in KINDS for n in ALL_REGISTRIES[k].names()}
+            close = difflib.get_close_matches(args.name, list(names), n=3, cutoff=0.5)
+            hint = (f"; did you mean {', '.join(f'{n!r} ({names[n]})' for n in close)}?"
+                    if close else "")
+            raise RecipeError(f"no {', '.join(KINDS)} is registered as {args.name!r}{hint} "
+                              f"(`mfr list` shows every name and the plugins loaded)",
+                              path="NAME")
+    failed = 0
+    for kind in kinds:
+        results = check_component(kind, args.name, **params)
+        print(f"{results[0].component}" if results else f"{kind} {args.name}")
+        for res in results:
+            print(f"  {res.line()}")
+        failed += sum(not r.ok for r in results)
+    print(f"FAILED: {failed} check(s) failed" if failed else "ok: every check passed")
+    return 1 if failed else 0
+
+
 def _backbone_count(entry):
     """``(parameters, input_shape, num_classes)`` of a built-in backbone with its defaults, from
     the table the tests keep in step with the code (nothing is built), or None."""
@@ -353,6 +399,7 @@ def cmd_export(args) -> int:
 
 
 COMMANDS = {"export": cmd_export, "run": cmd_run, "check": cmd_check, "show": cmd_show, "list": cmd_list,
+            "check-plugin": cmd_check_plugin,
             "sample": cmd_sample, "eval": cmd_eval}
 
 

@@ -33,3 +33,8 @@ class CheckpointError(MfrError):
 
 class TrainingError(MfrError):
     """Training stopped for a reason the user must act on (e.g. repeated non-finite losses)."""
+
+
+class ContractError(PluginError):
+    """A component's output breaks its kind's contract (``mfrecipes.contracts``): the message
+    names the kind, the registered name, its origin, what was expected and what came."""

@@ -283,7 +283,7 @@ class Runner:
     def step(self, i: int) -> None:
         s, parts, dev = self.setup, self.setup["parts"], self.setup["device"]
         g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + 17 * i)
-        t, r = parts["timestep_sampler"].sample(s["batch"], progress=PROGRESS, generator=g,
+        t, r = parts.timestep_sampler.sample(s["batch"], progress=PROGRESS, generator=g,
                                                 device=dev)
         if self.args.avg_share is not None:
             n = round(self.args.avg_share * s["batch"])
@@ -294,7 +294,7 @@ class Runner:
             out = self.objective(self.net, s["x"], s["y"], t, r, noise, progress=PROGRESS,
                                  generator=dropout)
         err = out.err.float()
-        w = parts["loss_weighting"].weights(err, t, r) * parts["gap_schedule"].weights(
+        w = parts.loss_weighting.weights(err, t, r) * parts.gap_schedule.weights(
             t, r, PROGRESS)
         (w.detach() * err).mean().backward()
         self.opt.step()

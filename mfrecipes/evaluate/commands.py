@@ -346,7 +346,7 @@ def eval_run(run_dir: str, *, specs: Sequence[SamplerSpec] = (SamplerSpec(1),),
         from mfrecipes.recipe.build import build_light, stage_plan
 
         last = stage_plan(run.recipe)[-1].recipe
-        objective = build_light(last, num_classes=info.num_classes, device=dev)["objective"]
+        objective = build_light(last, num_classes=info.num_classes, device=dev).objective
         record.update({f"eval/exact/{k}": v for k, v in exact.run_exact(
             run.net, run.get_dataset(), objective, cache_dir=cache, device=dev).items()})
     if write:

@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from mfrecipes import plugins, registry
+from mfrecipes import contracts, plugins, registry
 from mfrecipes.errors import RecipeError
 from mfrecipes.recipe.schema import COMPONENT_SECTIONS, Recipe
 
@@ -129,7 +129,7 @@ def _check_single(recipe: Recipe) -> dict[str, Any]:
     parts = build_light(recipe, num_classes=info.num_classes, device=torch.device("cpu"))
     with torch.device("meta"):
         build_backbone(recipe, info)
-    return parts
+    return parts.as_dict()
 
 
 def _check_augment_dim(recipe: Recipe, want: Any) -> None:
@@ -345,18 +345,46 @@ def _build(reg: registry.Registry, block: dict, where: str, **runtime: Any) -> A
         raise
 
 
-def build_light(recipe: Recipe, *, num_classes, device) -> dict[str, Any]:
+@attrs.frozen
+class LightParts:
+    """The light components of one stage (rebuilt at every stage; the backbone and data are
+    built once per run)."""
+
+    objective: contracts.Objective
+    timestep_sampler: contracts.TimestepSampler
+    loss_weighting: contracts.LossWeighting
+    gap_schedule: contracts.GapSchedule
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self, recurse=False)
+
+
+def component_of(recipe: Recipe, section: str) -> contracts.Who:
+    """The registered component a recipe section names, for contract errors."""
+    return contracts.who(COMPONENT_SECTIONS[section], getattr(recipe, section).name)
+
+
+def build_light(recipe: Recipe, *, num_classes, device, probe: bool = True) -> LightParts:
+    """Build the sampler, weighting, schedule and objective; with ``probe``, check the first
+    three's outputs on a tiny batch (``contracts.probe_light``): a broken one is a
+    ``ContractError`` here rather than a wrong loss later."""
     sampler = _build(registry.TIMESTEP_SAMPLERS, recipe.timestep_sampler.as_dict(),
                      "timestep_sampler", device=device)
-    return {
-        "objective": _build(registry.OBJECTIVES, recipe.objective.as_dict(), "objective",
-                            num_classes=num_classes),
-        "timestep_sampler": sampler,
-        "loss_weighting": _build(registry.LOSS_WEIGHTINGS, recipe.loss_weighting.as_dict(),
-                                 "loss_weighting", timestep_sampler=sampler),
-        "gap_schedule": _build(registry.GAP_SCHEDULES, recipe.gap_schedule.as_dict(),
-                               "gap_schedule", timestep_sampler=sampler),
-    }
+    parts = LightParts(
+        objective=_build(registry.OBJECTIVES, recipe.objective.as_dict(), "objective",
+                         num_classes=num_classes),
+        timestep_sampler=sampler,
+        loss_weighting=_build(registry.LOSS_WEIGHTINGS, recipe.loss_weighting.as_dict(),
+                              "loss_weighting", timestep_sampler=sampler),
+        gap_schedule=_build(registry.GAP_SCHEDULES, recipe.gap_schedule.as_dict(),
+                            "gap_schedule", timestep_sampler=sampler),
+    )
+    if probe:
+        contracts.probe_light(parts.timestep_sampler, parts.loss_weighting, parts.gap_schedule,
+                              names={s: component_of(recipe, s) for s in
+                                     ("timestep_sampler", "loss_weighting", "gap_schedule")},
+                              device=device)
+    return parts
 
 
 def build_backbone(recipe: Recipe, info):

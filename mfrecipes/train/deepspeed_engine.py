@@ -61,6 +61,7 @@ from torch import nn
 
 from mfrecipes.errors import CheckpointError, RecipeError, TrainingError
 from mfrecipes.recipe.schema import Recipe, TrainCfg
+from mfrecipes.train.engine import Engine
 
 NATIVE_DIR = "deepspeed"     # inside a checkpoint folder
 NATIVE_TAG = "state"
@@ -153,8 +154,8 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
     return cfg
 
 
-class DeepSpeedEngine:
-    """ZeRO 1/2 data parallelism behind the loop's engine interface (see ``SingleEngine``)."""
+class DeepSpeedEngine(Engine):
+    """ZeRO 1/2 data parallelism behind the loop's engine interface (``engine.Engine``)."""
 
     @staticmethod
     def launch(device: torch.device) -> tuple[int, int, torch.device]:
@@ -184,46 +185,29 @@ class DeepSpeedEngine:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = device
         self.recipe = recipe
-        self.cfg = recipe.train
         self.zero_stage = recipe.deepspeed.zero_stage
         self.ds_config = deepspeed_config(recipe, self.world_size)
         self.native_bf16 = bool(self.ds_config.get("bf16", {}).get("enabled", False))
         self.bf16 = self.native_bf16 or recipe.deepspeed.bf16 or recipe.train.precision == "bf16"
-        self._plan = batch_plan(self.cfg, self.world_size)
-        cfg = self.cfg
-        # Same optimiser as SingleEngine, so that the consolidated state has the same layout.
-        self.optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                           weight_decay=cfg.weight_decay)
+        self._plan = batch_plan(recipe.train, self.world_size)
+        # The engines' shared AdamW, so that the consolidated state has the same layout.
+        self._make_optimizer(net, recipe.train)
         self.ds, _, _, _ = deepspeed.initialize(model=net, optimizer=self.optimizer,
                                                 model_parameters=net.parameters(),
                                                 config=self.ds_config)
         self.module = self.ds.module  # the raw network; the objective calls it directly
         self._micro = 0
-        self._grad_norm = math.nan
 
     # -- the loop's interface ---------------------------------------------------------------
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     def configure(self, cfg: TrainCfg) -> None:
         """Apply a stage's optimiser settings (lr, betas, weight decay, clipping) in place."""
         if batch_plan(cfg, self.world_size) != self._plan:
             raise RecipeError("a stage changes the batch sizes; with engine deepspeed every "
                               "stage must keep train.global_batch_size and train.micro_batch_size",
                               path="stages")
-        self.cfg = cfg
-        for group in self.optimizer.param_groups:
-            group.update(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        super().configure(cfg)
         if self.zero_stage:
             self.ds.optimizer.clip_grad = cfg.grad_clip or 0.0
-
-    def set_lr(self, images: int) -> float:
-        """Set the scheduled rate (``train.lr_schedule``) for the step ending at ``images``."""
-        lr = self.cfg.lr_at(images)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
 
     def micro_batch_size(self) -> int:
         return self._plan[0]
@@ -264,10 +248,6 @@ class DeepSpeedEngine:
         norm = self.ds.get_global_grad_norm()
         norm = float(norm) if norm is not None else math.nan
         self._grad_norm = norm if self.ds.was_step_applied() else math.inf
-
-    def grad_norm(self) -> float:
-        """Global gradient norm of the last ``step()`` before clipping; inf/nan if dropped."""
-        return self._grad_norm
 
     def skip(self) -> None:
         """Drop the accumulated gradients without updating (the loss was non-finite)."""

@@ -1,10 +1,12 @@
-"""The single-process engine: CPU or one GPU, plain torch. (DeepSpeed lives in its own module.)
+"""Training engines: the interface every engine gives the loop (:class:`Engine`, which also holds
+the optimiser code they share) and the single-process engine, CPU or one GPU, plain torch.
+(DeepSpeed lives in its own module, ``deepspeed_engine.py``.)
 
 An engine owns the optimiser and the backward/step mechanics; the loop stays the same for every
 engine. The objective always receives the raw module (``engine.module``): torch.func.jvp cannot
 run through wrappers.
 
-The interface the loop uses (``DeepSpeedEngine`` has the same):
+The interface the loop uses:
 
 - ``launch(device) -> (rank, world_size, device)`` (static): join the process group, if any.
 - ``module``, ``rank``, ``world_size``, ``is_main``, ``device``.
@@ -31,23 +33,35 @@ from torch import nn
 from mfrecipes.recipe.schema import Recipe, TrainCfg
 
 
-class SingleEngine:
-    world_size = 1
-    rank = 0
+class Engine:
+    """Base of the engines: the optimiser code they share, and the rest of the interface above
+    declared (each engine implements it).
+
+    Every engine trains with torch's AdamW built from ``train:`` (the same layout for every
+    engine, so a consolidated optimiser state moves between them); its rate follows
+    ``train.lr_schedule`` (``set_lr`` before every step).
+    """
+
+    module: nn.Module
+    device: torch.device
+    cfg: TrainCfg
+    optimizer: torch.optim.Optimizer
+    rank: int = 0
+    world_size: int = 1
+    _grad_norm: float = math.nan
 
     @staticmethod
     def launch(device: torch.device) -> tuple[int, int, torch.device]:
-        return 0, 1, device
+        """Join the process group, if any: ``(rank, world size, this rank's device)``."""
+        raise NotImplementedError
 
-    def __init__(self, net: nn.Module, recipe: Recipe, device: torch.device):
-        cfg = recipe.train
-        self.module = net
-        self.device = device
+    # -- the shared optimiser code ------------------------------------------------------------
+    def _make_optimizer(self, net: nn.Module, cfg: TrainCfg) -> torch.optim.Optimizer:
         self.cfg = cfg
-        # AdamW; the rate follows train.lr_schedule (set_lr before every step).
         self.optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                            weight_decay=cfg.weight_decay)
         self._grad_norm = math.nan
+        return self.optimizer
 
     def configure(self, cfg: TrainCfg) -> None:
         """Apply a stage's optimiser settings (lr, betas, weight decay, clipping) in place."""
@@ -62,9 +76,73 @@ class SingleEngine:
             group["lr"] = lr
         return lr
 
+    def grad_norm(self) -> float:
+        """Gradient norm of the last ``step()`` before clipping; inf/nan if it was dropped."""
+        return self._grad_norm
+
     @property
     def is_main(self) -> bool:
-        return True
+        return self.rank == 0
+
+    # -- what each engine implements ----------------------------------------------------------
+    def micro_batch_size(self) -> int:
+        raise NotImplementedError
+
+    def accumulation_steps(self) -> int:
+        raise NotImplementedError
+
+    def autocast(self):
+        raise NotImplementedError
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def skip(self) -> None:
+        raise NotImplementedError
+
+    def mean_across_ranks(self, values: list[float]) -> list[float]:
+        raise NotImplementedError
+
+    def broadcast(self, obj: Any) -> Any:
+        raise NotImplementedError
+
+    def gather(self, obj: Any) -> list:
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_weights(self, sd: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def save_native(self, folder: str) -> None:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict, folder: Optional[str] = None) -> str:
+        raise NotImplementedError
+
+
+class SingleEngine(Engine):
+    world_size = 1
+    rank = 0
+
+    @staticmethod
+    def launch(device: torch.device) -> tuple[int, int, torch.device]:
+        return 0, 1, device
+
+    def __init__(self, net: nn.Module, recipe: Recipe, device: torch.device):
+        self.module = net
+        self.device = device
+        self._make_optimizer(net, recipe.train)
 
     def micro_batch_size(self) -> int:
         return self.cfg.micro_batch_size or self.cfg.global_batch_size
@@ -93,10 +171,6 @@ class SingleEngine:
         if math.isfinite(self._grad_norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def grad_norm(self) -> float:
-        """Gradient norm of the last ``step()`` before clipping; inf/nan if it was dropped."""
-        return self._grad_norm
 
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -18,7 +18,6 @@ in a checkpoint; rank 0 alone logs, evaluates and writes the plain files.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from mfrecipes import registry
+from mfrecipes import contracts, registry
 from mfrecipes.data.augment import LabelChannels
 from mfrecipes.errors import CheckpointError, RecipeError, TrainingError
 from mfrecipes.recipe import build as rbuild
@@ -112,19 +111,17 @@ class Trainer:
         st = self.plan[idx]
         parts = rbuild.build_light(st.recipe, num_classes=self.info.num_classes,
                                    device=self.device)
-        self.objective = parts["objective"]
+        self.objective = parts.objective
         # The objective's own draws come from its stream; an objective (a plugin's) whose call
         # takes no ``generator`` keyword draws from the global RNG instead.
-        try:
-            params = inspect.signature(self.objective.__call__).parameters
-        except (TypeError, ValueError):
-            params = {}
-        self._objective_takes_generator = "generator" in params or any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self._objective_takes_generator = contracts.takes_generator(self.objective)
         self._enter_augment(st.recipe)
-        self.sampler = parts["timestep_sampler"]
-        self.loss_weighting = parts["loss_weighting"]
-        self.gap_schedule = parts["gap_schedule"]
+        self.sampler = parts.timestep_sampler
+        self.loss_weighting = parts.loss_weighting
+        self.gap_schedule = parts.gap_schedule
+        # The stage's first step checks every component's outputs on the real batch (once).
+        self._contracts_pending = {s: rbuild.component_of(st.recipe, s) for s in (
+            "timestep_sampler", "loss_weighting", "gap_schedule", "objective", "backbone")}
         self.engine.configure(st.recipe.train)
         self.stage_idx = idx
         self.stage = st
@@ -137,8 +134,8 @@ class Trainer:
         if block is None:
             return
         self.augment = registry.TRANSFORMS.build(block.as_dict(), where="train.augment")
-        want = getattr(self.augment, "label_dim", None)
-        have = getattr(self.net, "augment_dim", None)
+        want = contracts.label_dim(self.augment)
+        have = contracts.augment_dim(self.net)
         if len(self.info.sample_shape) != 3:
             raise RecipeError(f"train.augment {block.name!r} needs image data (C, H, W), got "
                               f"sample_shape {tuple(self.info.sample_shape)}",
@@ -156,7 +153,7 @@ class Trainer:
                 f"{recipe.backbone.name!r} takes {have if have is not None else 'none'}; set "
                 f"backbone.params.augment_dim: {want} (a backbone with augment_labels, e.g. unet)",
                 path="backbone.params.augment_dim")
-        if getattr(self.objective, "v_noise", 0):
+        if contracts.v_noise(self.objective):
             # the corruption is drawn over every channel, the label planes included
             raise RecipeError("train.augment cannot be combined with objective.params.v_noise "
                               "> 0; valid: v_noise: 0", path="objective.params.v_noise")
@@ -204,9 +201,9 @@ class Trainer:
             "engine": self.engine.state_dict(),
         }
         for name in ("sampler", "loss_weighting", "gap_schedule", "objective"):
-            comp = getattr(self, name)
-            if hasattr(comp, "state_dict"):
-                state[f"{name}_state"] = comp.state_dict()
+            comp_state = contracts.state_of(getattr(self, name))
+            if comp_state is not None:
+                state[f"{name}_state"] = comp_state
         return state
 
     def save(self) -> str | None:
@@ -327,9 +324,7 @@ class Trainer:
             self.resume_note += (f"; world size {len(ranks)} -> {self.world}: data order and "
                                  f"per-rank randomness differ from an uninterrupted run")
         for name in ("sampler", "loss_weighting", "gap_schedule", "objective"):
-            comp = getattr(self, name)
-            if f"{name}_state" in state and hasattr(comp, "load_state_dict"):
-                comp.load_state_dict(state[f"{name}_state"])
+            contracts.load_state(getattr(self, name), state.get(f"{name}_state"))
         return True
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -468,10 +463,10 @@ class Trainer:
                         f"({sum(p.numel() for p in self.net.parameters()) / 1e6:.2f}M params), "
                         f"{cfg.total_images} images on {self.device}")
             for name in ("sampler", "loss_weighting", "gap_schedule"):
-                comp = getattr(self, name)
-                if hasattr(comp, "describe"):
+                record = contracts.description(getattr(self, name))
+                if record:
                     logger.log({"images": 0, "step": 0, **{f"{name}/{k}": v for k, v in
-                                                          comp.describe().items()}}, echo=False)
+                                                          record.items()}}, echo=False)
 
         mb = self.engine.micro_batch_size()
         accum = self.engine.accumulation_steps()
@@ -533,10 +528,9 @@ class Trainer:
     def _pacing_record(self, window: dict) -> dict[str, float]:
         """For a sampler that reacts to training (DTD): its state and the loss it watches (the
         mean unweighted r = t error over the log window), at every log line."""
-        if not hasattr(self.sampler, "observe"):
+        if contracts.observer(self.sampler) is None:
             return {}
-        out = {f"sampler/{k}": v for k, v in self.sampler.describe().items()} \
-            if hasattr(self.sampler, "describe") else {}
+        out = {f"sampler/{k}": v for k, v in contracts.description(self.sampler).items()}
         if window["nw"]:
             out["sampler/watched_loss"] = window["watched"] / window["nw"]
         return out
@@ -552,6 +546,14 @@ class Trainer:
 
             logging.getLogger(__name__).warning("%s", text)
 
+    def _check_backbone(self, who, when, net, z, t, r, y) -> None:
+        """The backbone's output shape on the step's first micro batch (no gradient; torch's
+        RNG restored, so dropout draws do not shift the run)."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.engine.autocast():
+            u = net(z, t, t - r, y)
+        contracts.enforce(who, when, contracts.backbone_checks(u, z))
+
     def _train_step(self, batches, mb: int, accum: int) -> tuple[float, dict, float]:
         progress = self.progress()
         # (t, r) and noise for the whole global batch, identical on every rank; this rank takes
@@ -559,6 +561,12 @@ class Trainer:
         global_b = mb * accum * self.world
         t_all, r_all = self.sampler.sample(global_b, progress=progress,
                                            generator=self.streams.timesteps, device=self.device)
+        check = self._contracts_pending  # the stage's first step only; then {}
+        self._contracts_pending = {}
+        when = f"on the first step (batch {global_b}, {self.images} images)"
+        if check:
+            contracts.enforce(check["timestep_sampler"], when,
+                              contracts.sampler_checks(t_all, r_all, global_b))
         noise_all = torch.randn((global_b, *self.info.sample_shape), generator=self.streams.noise)
         extra = {"generator": self.streams.objective} if self._objective_takes_generator else {}
         mine = slice(self.rank, None, self.world)
@@ -582,15 +590,27 @@ class Trainer:
                 x, noise = LabelChannels.planes(x, labels), LabelChannels.planes(noise, labels)
                 net = self._aug_net
                 ema_net = None if ema_net is None else LabelChannels(ema_net, net.image_channels)
+            if check and a == 0:
+                self._check_backbone(check["backbone"], when, net, noise, t, r, y)
             with self.engine.autocast():
                 out = self.objective(net, x, y, t, r, noise, progress=progress,
                                      ema_net=ema_net, **extra)
+            if check and a == 0:  # a non-finite err is the non-finite counter's business
+                contracts.enforce(check["objective"], when,
+                                  contracts.objective_checks(out, x.shape[0], finite=False))
             err = out.err.float()
             v_rows = ~out.is_average
             v_stats += torch.stack([torch.where(v_rows, err.detach(), 0.0).sum(),
                                     v_rows.sum()]).double()
             # Loss = mean(adaptive [* MinSNR alpha] * progressive beta * err) (Kim et al., Eqs. 8-9)
-            w = self.loss_weighting.weights(err, t, r) * self.gap_schedule.weights(t, r, progress)
+            w_loss = self.loss_weighting.weights(err, t, r)
+            w_gap = self.gap_schedule.weights(t, r, progress)
+            if check and a == 0:
+                contracts.enforce(check["loss_weighting"], when,
+                                  contracts.weighting_checks(w_loss, x.shape[0]))
+                contracts.enforce(check["gap_schedule"], when,
+                                  contracts.gap_checks(w_gap, t, r))
+            w = w_loss * w_gap
             w = w * out.loss_scale  # the objective's own row factor (AlphaFlow's alpha)
             loss = (w.detach() * err).mean() / accum
             self.engine.backward(loss)
@@ -637,11 +657,12 @@ class Trainer:
                 f"grad_clip={self.stage.recipe.train.grad_clip}); nothing was saved after it "
                 f"and {self.last_good_checkpoint()}")
         self.ema.update(self.net)
-        if hasattr(self.sampler, "observe") and math.isfinite(self.watched_loss):
+        watcher = contracts.observer(self.sampler)
+        if watcher is not None and math.isfinite(self.watched_loss):
             # The unweighted r = t error, never the weighted loss: with adaptive weighting
             # w * err = err / (err + c) ~ 1 is flat, and a curriculum fed it would open a cluster
             # every `patience` steps whatever the model learns.
-            self.sampler.observe(self.watched_loss, progress)
+            watcher.observe(self.watched_loss, progress)
         return total, diag, grad_norm
 
 
