@@ -8,13 +8,8 @@ import attrs
 
 from mfrecipes import plugins, registry
 from mfrecipes.errors import RecipeError
-from mfrecipes.recipe.schema import COMPONENT_SECTIONS, Recipe
-
-
-def default_cache_dir(recipe: Recipe | None = None) -> str:
-    if recipe is not None and recipe.run.cache_dir:
-        return os.path.expanduser(recipe.run.cache_dir)
-    return os.path.expanduser(os.environ.get("MFR_CACHE_DIR", "~/.cache/mfrecipes"))
+from mfrecipes.recipe.schema import COMPONENT_SECTIONS, Recipe, batch_plan  # noqa: F401
+from mfrecipes.run.layout import find_init_weights
 
 
 def load_imports(recipe: Recipe) -> None:
@@ -61,26 +56,6 @@ def check_recipe(recipe: Recipe, *, for_run: bool = False) -> dict[str, Any]:
     return parts
 
 
-def batch_plan(cfg, world_size: int, path: str = "train") -> tuple[int, int]:
-    """``(micro batch per rank, accumulation steps)`` of a data-parallel run of ``world_size``
-    ranks; global batch = micro x accumulation steps x world size. Without
-    ``micro_batch_size`` each rank takes global / world size in one micro batch. A split that
-    does not come out even is a ``RecipeError`` naming the key and the nearest valid sizes."""
-    g, mb = cfg.global_batch_size, cfg.micro_batch_size
-    unit = world_size if mb is None else mb * world_size
-    if g % unit == 0:
-        return (g // world_size, 1) if mb is None else (mb, g // unit)
-    near = [v for v in (g // unit * unit, (g // unit + 1) * unit) if v > 0]
-    what = (f"the world size {world_size} (train.micro_batch_size unset: each rank takes "
-            f"global / world size)" if mb is None else
-            f"the world size {world_size} x micro_batch_size {mb} (global = micro x "
-            f"accumulation steps x world size)")
-    hint = ", or set train.micro_batch_size" if mb is None else ""
-    raise RecipeError(f"{path}.global_batch_size {g} is not divisible by {what}; valid global "
-                      f"batch sizes near it: {', '.join(map(str, near))} (any multiple of "
-                      f"{unit}){hint}", path=f"{path}.global_batch_size")
-
-
 def check_world_size(recipe: Recipe, world_size: int) -> None:
     """Whether ``recipe`` can run on ``world_size`` ranks (``mfr check --world-size``, and
     ``mfr run`` under a launcher): the DeepSpeed engine splits the global batch over the ranks;
@@ -109,8 +84,7 @@ def _check_single(recipe: Recipe) -> dict[str, Any]:
         params = block.get("params") or {}
         check_param_types(factory, params, f"{section}.params", skip=reg.runtime_args)
         _check_attrs_params(factory, params, f"{section}.params")
-    from mfrecipes.registry import LOGGERS
-    from mfrecipes.train.log import logger_blocks
+    from mfrecipes.registry import LOGGERS, logger_blocks
 
     for path, block in logger_blocks(recipe.train.loggers):  # names, params, packages
         check_param_types(LOGGERS.get(block["name"]), block.get("params") or {},
@@ -348,8 +322,11 @@ def build_backbone(recipe: Recipe, info):
 
 
 def build_dataset(recipe: Recipe, *, rank: int = 0, world_size: int = 1):
+    from mfrecipes.data.cache import default_cache_dir
+
     return _build(registry.DATASETS, recipe.data.as_dict(), "data", seed=recipe.run.seed,
-                  rank=rank, world_size=world_size, cache_dir=default_cache_dir(recipe))
+                  rank=rank, world_size=world_size,
+                  cache_dir=os.fspath(default_cache_dir(recipe)))
 
 
 def describe(component: Any) -> str:
@@ -410,23 +387,3 @@ def _yaml_value(v: Any) -> str:
     import json
 
     return json.dumps(v)  # JSON is YAML: lists, numbers, strings and nulls round-trip
-
-
-def find_init_weights(path: str) -> str:
-    """The weights file behind ``init_from.path``: a run directory, a checkpoint folder or a file."""
-    import os
-
-    from mfrecipes.errors import CheckpointError
-    from mfrecipes.train import checkpoint as ckpt
-
-    where = "init_from.path"
-    if os.path.isfile(path) and path.endswith(".safetensors"):
-        return path
-    if os.path.isfile(os.path.join(path, ckpt.WEIGHTS)):
-        return os.path.join(path, ckpt.WEIGHTS)
-    latest = ckpt.latest_checkpoint(os.path.join(path, "checkpoints"))
-    if latest is not None:
-        return os.path.join(latest, ckpt.WEIGHTS)
-    raise CheckpointError(f"no weights at {path!r}: expected a run directory with checkpoints/, a "
-                          f"checkpoint folder holding {ckpt.WEIGHTS}, or a .safetensors file",
-                          path=where)
