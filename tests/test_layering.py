@@ -14,6 +14,7 @@ of a module, at any depth (imports inside functions count too).
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "mfrecipes"
@@ -27,6 +28,16 @@ RECORD_NAMES = {"recipe.resolved.yaml", "plugins.json", "env.json", "history.jso
 NOT_THE_RUN = {("checkpoints", "evaluate/fid.py"), ("meta.json", "evaluate/exact.py")}
 
 
+@functools.lru_cache(maxsize=None)
+def _sources() -> tuple[tuple[str, str, ast.AST], ...]:
+    """``(path relative to the package, text, tree)`` of every module, parsed once."""
+    out = []
+    for path in sorted(PKG.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        out.append((str(path.relative_to(PKG)), text, ast.parse(text)))
+    return tuple(out)
+
+
 def _module_name(path: Path) -> str:
     rel = path.relative_to(PKG.parent).with_suffix("")
     parts = list(rel.parts)
@@ -35,11 +46,12 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imports_of(source: str, module: str, is_package: bool = False) -> set[str]:
+def imports_of(source, module: str, is_package: bool = False) -> set[str]:
     """Every module named by an import in ``source`` (``from a import b`` gives ``a`` and
     ``a.b``: ``b`` may be a submodule); relative imports are resolved against ``module``."""
     out: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    tree = source if isinstance(source, ast.AST) else ast.parse(source)
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -55,12 +67,8 @@ def imports_of(source: str, module: str, is_package: bool = False) -> set[str]:
 
 
 def _graph() -> dict[str, set[str]]:
-    graph = {}
-    for path in sorted(PKG.rglob("*.py")):
-        name = _module_name(path)
-        graph[str(path.relative_to(PKG))] = imports_of(path.read_text(encoding="utf-8"), name,
-                                                       path.name == "__init__.py")
-    return graph
+    return {rel: imports_of(tree, _module_name(PKG / rel), rel.endswith("__init__.py"))
+            for rel, _, tree in _sources()}
 
 
 def _under(imported: set[str], prefix: str) -> set[str]:
@@ -107,9 +115,8 @@ def test_run_layout_builds_on_nothing_above_it():
 
 def test_record_names_are_spelled_in_the_layout_only():
     spelled: dict[str, list[str]] = {}
-    for path in sorted(PKG.rglob("*.py")):
-        rel = str(path.relative_to(PKG))
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for rel, _, tree in _sources():
+        for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and node.value in RECORD_NAMES:
                 if (node.value, rel) in NOT_THE_RUN:
                     continue
@@ -118,3 +125,111 @@ def test_record_names_are_spelled_in_the_layout_only():
                for name, where in spelled.items()}
     assert not {k: v for k, v in outside.items() if v}, outside
     assert set(spelled) == RECORD_NAMES  # every one of them is defined there
+
+
+# -- one of each helper ------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _functions() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for rel, _, tree in _sources():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef):
+                out.setdefault(node.name, []).append(f"{rel}:{node.lineno}")
+    return out
+
+
+def _defined(name: str) -> list[str]:
+    return _functions().get(name, [])
+
+
+def test_each_helper_is_defined_once():
+    where = {name: _defined(name) for name in (
+        "default_cache_dir", "pick_device", "save_samples", "check_real", "check_probability",
+        "check_param_types", "number", "optional_number", "integer", "one_of", "as_tuple",
+        "find_init_weights", "find_checkpoint", "select_weights", "ema_key", "read_jsonl")}
+    assert all(len(v) == 1 for v in where.values()), where
+    home = {name: v[0].split(":")[0] for name, v in where.items()}
+    assert {home[n] for n in ("check_real", "check_probability", "check_param_types", "number",
+                              "integer", "one_of")} == {"validate.py"}
+    assert {home[n] for n in ("find_init_weights", "find_checkpoint", "select_weights",
+                              "ema_key", "read_jsonl")} == {"run/layout.py"}
+
+
+def test_sample_pictures_are_drawn_by_modality_in_one_place():
+    """Outside plots.py nothing calls the scatter or grid writers itself: the loop's evaluation
+    and ``mfr sample`` go through ``plots.save_samples``."""
+    direct = []
+    for rel, _, tree in _sources():
+        if rel == "plots.py":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in (
+                    "save_scatter", "labelled_grid", "save_image_grid", "save_labelled_grid"):
+                direct.append(f"{rel}:{node.lineno} {node.attr}")
+    assert not direct, direct
+    users = {rel for rel, text, _ in _sources() if "save_samples(" in text}
+    assert {"train/loop.py", "evaluate/commands.py"} <= users
+
+
+def test_save_samples_dispatches_on_modality(tmp_path):
+    import pytest
+    import torch
+
+    from mfrecipes import plots
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 8, 8, generator=gen) * 2 - 1
+    # 8x8 cells are enlarged 4x to 32 px, padded by 2: width = 2 + columns * 34.
+    by_class = plots.save_samples(x, tmp_path / "a.png", modality="image", title="t",
+                                  class_columns=4)
+    square = plots.save_samples(x, tmp_path / "b.png", modality="image", title="t")
+    assert by_class.shape[1] == 2 + 4 * 34 and square.shape[1] == 2 + 2 * 34
+    assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").is_file()
+
+    seen = []
+
+    def decode(z):
+        seen.append(z.shape)
+        return x  # the "decoded" images
+    lat = plots.save_samples(torch.zeros(4, 2, 3, 3), tmp_path / "c.png", modality="latent",
+                             title="t", class_columns=4, decode=decode)
+    assert seen == [torch.Size([4, 2, 3, 3])] and (lat == by_class).all()
+    with pytest.raises(ValueError, match="decode"):
+        plots.save_samples(x, tmp_path / "d.png", modality="latent", title="t")
+    with pytest.raises(ValueError, match="valid: points, image, latent"):
+        plots.save_samples(x, tmp_path / "e.png", modality="audio", title="t")
+    pts = torch.randn(30, 2, generator=gen)
+    assert plots.save_samples(pts, tmp_path / "f.png", modality="points", title="t",
+                              reference=torch.randn(30, 2, generator=gen)) is None
+    assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_default_cache_dir_prefers_the_recipe_then_the_environment(tmp_path, monkeypatch):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from mfrecipes.data.cache import default_cache_dir
+
+    monkeypatch.setenv("MFR_CACHE_DIR", str(tmp_path / "env"))
+    chosen = SimpleNamespace(run=SimpleNamespace(cache_dir=str(tmp_path / "recipe")))
+    unset = SimpleNamespace(run=SimpleNamespace(cache_dir=None))
+    assert default_cache_dir(chosen) == tmp_path / "recipe"
+    assert default_cache_dir(unset) == default_cache_dir() == tmp_path / "env"
+    monkeypatch.delenv("MFR_CACHE_DIR")
+    assert default_cache_dir() == Path.home() / ".cache" / "mfrecipes"
+
+
+def test_pick_device_names_where_cuda_was_asked_for(monkeypatch):
+    import pytest
+    import torch
+
+    from mfrecipes.devices import pick_device
+    from mfrecipes.errors import RecipeError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == pick_device(None) == torch.device("cpu")
+    assert pick_device("cpu", where="--device") == torch.device("cpu")
+    for where in ("run.device", "--device"):
+        with pytest.raises(RecipeError) as err:
+            pick_device("cuda:0", where=where)
+        assert err.value.path == where and "no CUDA device" in str(err.value)

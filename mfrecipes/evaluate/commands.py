@@ -186,18 +186,20 @@ def sample_run(run_dir: str, *, spec: SamplerSpec = SamplerSpec(1), weights: str
     arrays: dict[str, np.ndarray] = {
         "x": x.numpy(), "y": (y.numpy() if y is not None else np.full(num, -1, np.int64))}
     png = stem + ".png"
+    title = (f"{os.path.basename(os.path.normpath(run_dir))} | {spec.tag} | {run.images:,} "
+             f"images | {run.weights}")
     if info.modality == "points":
-        ref = run.get_dataset().reference(num, seed)
-        plots.save_scatter(x, png, reference=ref, labels=y,
-                           title=f"{os.path.basename(os.path.normpath(run_dir))} | {spec.tag} | "
-                                 f"{run.images:,} images | {run.weights}")
+        plots.save_samples(x, png, modality="points", title=title, labels=y,
+                           reference=run.get_dataset().reference(num, seed))
     else:
-        decoder = _Decoder(info, dev, min(batch_size, 64), vae)
-        images = decoder.uint8(x)
-        arrays["arr_0"] = images
+        # Latents are decoded once, for the .npz and the picture alike (the grid's pixels are
+        # the .npz's uint8 images).
+        images = _Decoder(info, dev, min(batch_size, 64), vae).images(x)
+        arrays["arr_0"] = to_uint8_images(images)
         arrays["arr_1"] = arrays["y"]
-        grid = torch.from_numpy(images[:GRID_MAX]).permute(0, 3, 1, 2).float()
-        plots.save_image_grid((grid - 128) / 127.5, png)   # the uint8 images, back to [-1, 1]
+        balanced = labels == "balanced" and info.num_classes
+        plots.save_samples(images[:GRID_MAX], png, modality="image", title=title,
+                           class_columns=info.num_classes if balanced else None)
     npz = stem + ".npz"
     tmp = f"{stem}.{os.getpid()}.tmp.npz"
     np.savez(tmp, **arrays)

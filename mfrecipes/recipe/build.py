@@ -10,6 +10,7 @@ from mfrecipes import plugins, registry
 from mfrecipes.errors import RecipeError
 from mfrecipes.recipe.schema import COMPONENT_SECTIONS, Recipe, batch_plan  # noqa: F401
 from mfrecipes.run.layout import find_init_weights
+from mfrecipes.validate import check_param_types
 
 
 def load_imports(recipe: Recipe) -> None:
@@ -128,95 +129,6 @@ def _check_attrs_params(factory, params: dict, where: str) -> None:
 
 
 # -- parameter types -----------------------------------------------------------------------------
-def _type_of(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _expectation(tp: Any):
-    """``(accepts(value) -> bool, "what is expected")`` for an annotation, or None when the
-    annotation says nothing checkable (the component's own validation decides)."""
-    import collections.abc
-    import types
-    import typing
-
-    if tp is bool:
-        return (lambda v: isinstance(v, bool)), "true or false"
-    if tp is int:
-        # An integral float (YAML's 1e5) is left to the component.
-        return (lambda v: not isinstance(v, bool) and (isinstance(v, int) or (
-            isinstance(v, float) and v.is_integer()))), "an integer"
-    if tp is float:
-        return (lambda v: not isinstance(v, bool) and isinstance(v, (int, float))), "a number"
-    if tp is str:
-        return (lambda v: isinstance(v, str)), "a string"
-    if tp is type(None):
-        return (lambda v: v is None), "null"
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Literal:
-        return (lambda v: any(v == a and type(v) is type(a) for a in args)), \
-            f"one of {', '.join(map(repr, args))}"
-    if origin in (typing.Union, types.UnionType):
-        parts = [_expectation(a) for a in args]
-        if any(p is None for p in parts):
-            return None
-        return (lambda v: any(ok(v) for ok, _ in parts)), " or ".join(d for _, d in parts)
-    if origin in (list, tuple, collections.abc.Sequence) or tp in (list, tuple):
-        item = _expectation(args[0]) if len(args) == 1 or (len(args) == 2 and args[1] is ...) \
-            else None
-        if item is None:
-            return (lambda v: isinstance(v, (list, tuple))), "a list"
-        ok_item, what = item
-        return (lambda v: isinstance(v, (list, tuple)) and all(ok_item(x) for x in v)), \
-            f"a list of {what.removeprefix('an ').removeprefix('a ')}s" \
-            if what.startswith(("a ", "an ")) else f"a list (items: {what})"
-    if origin in (dict, collections.abc.Mapping) or tp in (dict,):
-        return (lambda v: isinstance(v, dict)), "a mapping"
-    return None
-
-
-def _annotation(factory: Any, ann: Any) -> Any:
-    """A parameter's annotation as a type: postponed ones (strings) are read in the namespace
-    of the module that defines the component or one of its bases; None if none can."""
-    import sys
-
-    if not isinstance(ann, str):
-        return ann
-    owners = factory.__mro__ if isinstance(factory, type) else (factory,)
-    for owner in owners:
-        module = sys.modules.get(getattr(owner, "__module__", ""))
-        if module is None:
-            continue
-        try:
-            return eval(ann, dict(vars(module)))  # noqa: S307 - annotation text of imported code
-        except Exception:  # noqa: BLE001 - a name this module lacks: try the next
-            continue
-    return None
-
-
-def check_param_types(factory: Any, params: dict, where: str, *, skip=()) -> None:
-    """Every parameter of a component against its annotated type: a wrong one is a
-    ``RecipeError`` at its full key path saying what was expected and what came
-    (``objective.params.beta_cv: expected a number, got 'x' (str)``). The default value (None
-    included) is always accepted; annotations that cannot be read are not checked."""
-    import inspect
-
-    try:
-        sig = inspect.signature(factory)
-    except (TypeError, ValueError):
-        return
-    for name, value in params.items():
-        p = sig.parameters.get(name)
-        if p is None or name in skip or p.annotation is inspect.Parameter.empty:
-            continue
-        if value is None and p.default is None:
-            continue
-        want = _expectation(_annotation(factory, p.annotation))
-        if want is None or want[0](value):
-            continue
-        raise RecipeError(f"expected {want[1]}, got {value!r} ({_type_of(value)})",
-                          path=f"{where}.{name}")
-
-
 def _static_data_info(factory, params):
     """A dataset may expose ``static_info(**params)`` so that checks need no data on disk."""
     fn = getattr(factory, "static_info", None)

@@ -325,7 +325,7 @@ class Trainer:
             return self._evaluate(logger)
 
     def _evaluate(self, logger: RunLogger) -> dict[str, float]:
-        from mfrecipes import evaluate, generate, plots
+        from mfrecipes import evaluate, generate
         from mfrecipes.evaluate import exact
 
         ev = self.recipe.eval
@@ -339,20 +339,9 @@ class Trainer:
                                      labels="balanced")
             x = x.float().cpu()
             stem = os.path.join(out_dir, f"nfe{nfe}-img{self.images:012d}.png")
-            title = self._picture_title(nfe)
             k = self.info.num_classes
             g = ev.grid_size if not k else max(k, ev.grid_size // k * k)  # whole class rows
-            if self.info.modality == "points":
-                plots.save_scatter(x, stem, reference=self.dataset.reference(n, ev.seed),
-                                   title=title, labels=None if y is None else y.cpu())
-            elif self.info.modality == "image":
-                grid = plots.labelled_grid(
-                    x[:g], ncol=k or None, labels=None if not k else list(range(k)),
-                    title=title)
-                plots.save_png(grid, stem)  # one column per class
-                logger.image(f"samples/nfe{nfe}", grid, self.images)
-            elif self.info.modality == "latent":
-                self._save_latent_grid(x[:g], stem, logger, nfe=nfe)
+            self._save_samples(x, y, stem, logger, nfe=nfe, n=n, grid_size=g)
             quality = evaluate.quality(self.dataset, x[:ev.num_samples],
                                        cache_dir=default_cache_dir(self.recipe),
                                        seed=ev.seed)
@@ -370,29 +359,36 @@ class Trainer:
         return (f"{self.recipe.run.name} | {nfe}-NFE | {self.images:,} images | "
                 f"EMA {next(iter(self.ema.shadows), 'none')}")
 
-    def _save_latent_grid(self, z: torch.Tensor, path: str, logger: RunLogger, *,
-                          nfe: int = 1) -> None:
-        """Decode latents through the dataset's VAE for the grid (titled, one column per
-        class as the image grids); without a VAE, say so once."""
+    def _save_samples(self, x: torch.Tensor, y, path: str, logger: RunLogger, *, nfe: int,
+                      n: int, grid_size: int) -> None:
+        """The picture of one evaluation (``plots.save_samples``: scatter, or a titled grid with
+        one column per class, latents decoded through the dataset's VAE); a latent run without
+        a VAE says so once and gets no grids."""
         from mfrecipes import plots
         from mfrecipes.data.vae import decode_latents
         from mfrecipes.errors import DataError
 
-        if getattr(self, "_vae_missing", False):
+        modality = self.info.modality
+        if modality == "latent" and getattr(self, "_vae_missing", False):
             return
+        points = modality == "points"
         try:
-            images = decode_latents(z, self.info, device=self.device)
+            grid = plots.save_samples(
+                x if points else x[:grid_size], path, modality=modality,
+                title=self._picture_title(nfe),
+                labels=y.cpu() if points and y is not None else None,
+                reference=self.dataset.reference(n, self.recipe.eval.seed) if points else None,
+                class_columns=self.info.num_classes or None,
+                decode=lambda z: decode_latents(z, self.info, device=self.device))
         except DataError as err:
+            if modality != "latent":
+                raise
             self._vae_missing = True
             logger.warning(f"no sample grids for this latent run: {err}", images=self.images,
                            step=self.step)
             return
-        k = self.info.num_classes
-        grid = plots.labelled_grid(images, ncol=k or None,
-                                   labels=None if not k else list(range(k)),
-                                   title=self._picture_title(nfe))
-        plots.save_png(grid, path)
-        logger.image(f"samples/nfe{nfe}", grid, self.images)
+        if grid is not None:
+            logger.image(f"samples/nfe{nfe}", grid, self.images)
 
     # -- the loop -------------------------------------------------------------------------------
     def _lock(self) -> None:
