@@ -12,7 +12,7 @@ import uuid
 from typing import Any, Sequence
 
 from mfrecipes.errors import RecipeError
-from mfrecipes.registry import LOGGERS, logger_blocks  # noqa: F401 (re-exported)
+from mfrecipes.registry import LOGGERS, logger_blocks
 from mfrecipes.run.layout import METRICS
 
 from rich.console import Console
