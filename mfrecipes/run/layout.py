@@ -58,11 +58,6 @@ RAW = "net"
 EMA_PREFIX = "ema_"
 
 
-def path(run_dir: str, record: str) -> str:
-    """``RUN_DIR/record`` (one of the names above)."""
-    return os.path.join(run_dir, record)
-
-
 def checkpoints_dir(run_dir: str) -> str:
     return os.path.join(run_dir, CHECKPOINTS)
 
