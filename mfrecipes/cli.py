@@ -139,7 +139,7 @@ def _resolve_recipe_arg(path: str, overrides: Sequence[str], *, resume: bool = F
     """A recipe file, or a run directory (its recipe.resolved.yaml). ``resume``: the recorded
     credentials (``***``) are dropped, to come from the environment or an override."""
     from mfrecipes.recipe import load_recipe
-    from mfrecipes.train.rundir import RESOLVED
+    from mfrecipes.run.layout import RESOLVED
 
     if os.path.isdir(path):
         resolved = os.path.join(path, RESOLVED)
@@ -147,7 +147,7 @@ def _resolve_recipe_arg(path: str, overrides: Sequence[str], *, resume: bool = F
             raise RecipeError(f"{path} is a directory but not a run directory (no {RESOLVED}); "
                               f"pass a recipe .yaml file or a run directory")
         if resume:
-            from mfrecipes.train.rundir import load_for_resume
+            from mfrecipes.run.records import load_for_resume
 
             recipe, data, _ = load_for_resume(path, list(overrides))
         else:  # check / show: the record as it is (credentials shown as ***)
@@ -201,10 +201,8 @@ def _one_line(comp) -> str:
 
 def cmd_show(args) -> int:
     from mfrecipes.recipe import dump_yaml
-
-    from mfrecipes.data.remote import redact_recipe
-
     from mfrecipes.recipe.build import load_imports, with_component_defaults
+    from mfrecipes.run.records import redact_recipe
 
     recipe, data, _ = _resolve_recipe_arg(args.recipe, args.overrides)
     load_imports(recipe)  # a recipe's own modules register components whose defaults we list
@@ -214,7 +212,7 @@ def cmd_show(args) -> int:
 
 def cmd_run(args) -> int:
     from mfrecipes.recipe.build import check_recipe, check_world_size
-    from mfrecipes.train import rundir
+    from mfrecipes.run import records as rundir
     from mfrecipes.train.loop import train
 
     recipe, data, run_dir = _resolve_recipe_arg(args.recipe, args.overrides, resume=True)
@@ -408,14 +406,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except MfrError as err:
-        from mfrecipes.data.remote import scrub
-        from mfrecipes.train.rundir import redact_argv
+        from mfrecipes.run.records import redact_argv, scrub
 
         redact_argv(list(sys.argv[1:] if argv is None else argv))  # learns the secret values
         print(f"error: {scrub(str(err))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as err:
-        from mfrecipes.train.checkpoint import disk_full
+        from mfrecipes.run.layout import disk_full
 
         if not disk_full(err):
             raise

@@ -78,14 +78,14 @@ def _info_dict(info) -> dict:
 def _last_quality(run_dir: str, images: int) -> tuple[Optional[int], dict]:
     """The newest ``eval/...`` figures up to ``images`` (metrics.jsonl, then eval.jsonl of that
     checkpoint): ``(images they were measured at, {key: value})``."""
-    from mfrecipes.train.log import METRICS, read_jsonl
+    from mfrecipes.run.layout import EVAL, METRICS, read_jsonl
 
     at, figures = None, {}
     for rec in read_jsonl(os.path.join(run_dir, METRICS)):
         ev = {k: v for k, v in rec.items() if k.startswith("eval/")}
         if ev and rec.get("images", 0) <= images:
             at, figures = rec.get("images"), ev
-    for rec in read_jsonl(os.path.join(run_dir, "eval.jsonl")):
+    for rec in read_jsonl(os.path.join(run_dir, EVAL)):
         if rec.get("images") == images:
             ev = {k: v for k, v in rec.items() if k.startswith("eval/")}
             if ev:
@@ -147,7 +147,7 @@ def export_run(run_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], *
 
     from mfrecipes import __version__
     from mfrecipes.evaluate.load import load_run
-    from mfrecipes.train.checkpoint import atomic_write_text
+    from mfrecipes.run.layout import atomic_write_text
 
     run_dir, out = os.fspath(run_dir), os.fspath(out)
     if os.path.abspath(out) == os.path.abspath(run_dir):
@@ -249,7 +249,7 @@ def load_pretrained(path: Union[str, os.PathLike], *, device="cpu", weights: str
     if os.path.isfile(os.path.join(path, CONFIG)):
         return _load_export(path, device)
     from mfrecipes.evaluate.load import load_run
-    from mfrecipes.train.rundir import RESOLVED
+    from mfrecipes.run.layout import RESOLVED
 
     if not os.path.isfile(os.path.join(path, RESOLVED)):
         raise CheckpointError(f"{path!r} is neither an exported model (no {CONFIG}) nor a run "

@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-__all__ = ["images_to_uint8", "save_image_grid", "labelled_grid", "save_scatter", "save_curves", "save_sweep"]
+__all__ = ["images_to_uint8", "save_image_grid", "labelled_grid", "save_scatter", "save_samples",
+           "save_curves", "save_sweep"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -191,6 +192,38 @@ def save_scatter(points: torch.Tensor, path: PathLike, reference: Optional[torch
     if title:
         ax.set_title(title)
     return _save_figure(fig, path)
+
+
+def save_samples(x: torch.Tensor, path: PathLike, *, modality: str, title: str,
+                 labels: Optional[torch.Tensor] = None, reference: Optional[torch.Tensor] = None,
+                 class_columns: Optional[int] = None,
+                 decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                 ) -> Optional[np.ndarray]:
+    """One picture of samples ``x`` by the data's modality, written to ``path`` (PNG); the
+    training loop's evaluation and ``mfr sample`` both draw through it.
+
+    - ``points``: a scatter over ``reference``, coloured by ``labels`` when given;
+    - ``image``: a titled grid; with ``class_columns`` = the number of classes (samples drawn
+      balanced: labels 0, 1, ..., k-1, 0, ...) one column per class, headed by its label;
+    - ``latent``: decoded by ``decode(x) -> [N, C, H, W]`` in [-1, 1], then as ``image``.
+
+    Returns the grid ``[H, W, 3]`` uint8 (for the metric loggers), None for points."""
+    if modality == "points":
+        save_scatter(x, path, reference=reference, labels=labels, title=title)
+        return None
+    if modality == "latent":
+        if decode is None:
+            raise ValueError("latent samples need a decode function (the run's VAE) for a "
+                             "picture")
+        x = decode(x)
+    elif modality != "image":
+        raise ValueError(f"no picture for samples of modality {modality!r}; valid: points, "
+                         f"image, latent")
+    k = class_columns
+    grid = labelled_grid(x, ncol=k or None, labels=None if not k else list(range(k)),
+                         title=title)
+    save_png(grid, path)
+    return grid
 
 
 def save_curves(curves: Sequence[tuple[str, Sequence[float], Sequence[float]]], path: PathLike, *,

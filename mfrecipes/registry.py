@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from mmengine.registry import Registry as _MMRegistry
 
@@ -256,6 +256,40 @@ GAP_SCHEDULES = Registry("gap_schedule", runtime_args=("timestep_sampler",))
 DATASETS = Registry("dataset", runtime_args=("seed", "rank", "world_size", "cache_dir"))
 LOGGERS = Registry("logger", runtime_args=("run_dir",))
 TRANSFORMS = Registry("transform")  # training-time data transforms (train.augment)
+
+# -- what a recipe's ``train.loggers`` means (the recipe checker and the run logger both ask) --
+def default_loggers() -> tuple[str, ...]:
+    """What a recipe without ``train.loggers`` gets: jsonl, and tensorboard when it is
+    registered (``mfrecipes.train.log``, a built-in) and its package is installed."""
+    if "tensorboard" in LOGGERS.names() and not LOGGERS.get("tensorboard").missing():
+        return ("jsonl", "tensorboard")
+    return ("jsonl",)
+
+
+def logger_blocks(loggers: Sequence[Any] | None,
+                  where: str = "train.loggers") -> list[tuple[str, dict]]:
+    """``train.loggers`` as ``(dotted path, {name, params})`` pairs, checked against LOGGERS:
+    known names, valid params, installed packages, and ``jsonl`` present (it is the record)."""
+    if loggers is None:
+        loggers = default_loggers()
+    blocks, seen = [], set()
+    for i, item in enumerate(loggers):
+        path = f"{where}[{i}]"
+        block = {"name": item, "params": {}} if isinstance(item, str) else item.as_dict()
+        LOGGERS.check_params(block, where=path)
+        if block["name"] in seen:
+            raise RecipeError(f"logger {block['name']!r} is listed twice", path=path)
+        seen.add(block["name"])
+        why = getattr(LOGGERS.get(block["name"]), "missing", lambda: None)()
+        if why:
+            raise RecipeError(why, path=path)
+        blocks.append((path, block))
+    if "jsonl" not in seen:
+        raise RecipeError("train.loggers must include 'jsonl': metrics.jsonl is the run's record "
+                          "(resume, mfr eval and the comparison tools read it)\n  available: "
+                          + ", ".join(LOGGERS.names()), path=where)
+    return blocks
+
 
 ALL_REGISTRIES: dict[str, Registry] = {
     "backbone": BACKBONES,

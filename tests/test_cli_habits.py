@@ -124,7 +124,7 @@ def test_known_parameter_counts_match_the_code():
                                       "timestep_sampler.params.mu_r=null"])
 def test_right_types_pass_the_type_check(override):
     """An integral float for an integer, an int for a number, null for an optional number."""
-    from mfrecipes.recipe.build import check_param_types
+    from mfrecipes.validate import check_param_types
     from mfrecipes.plugins import load_components
     from mfrecipes.registry import GAP_SCHEDULES, OBJECTIVES, TIMESTEP_SAMPLERS
 

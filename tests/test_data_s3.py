@@ -315,7 +315,7 @@ def _secrets_nowhere(run_dir, secret: str) -> None:
 
 
 def _images(run_dir) -> int:
-    from mfrecipes.train.log import read_jsonl
+    from mfrecipes.run.layout import read_jsonl
 
     return max(r["images"] for r in read_jsonl(str(run_dir / "metrics.jsonl")))
 

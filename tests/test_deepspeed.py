@@ -22,6 +22,7 @@ from ds_launch import REPO, ROWS, RECIPE, final_weights, max_diff, run
 from mfrecipes.errors import RecipeError
 from mfrecipes.registry import DATASETS
 from mfrecipes.recipe import load_recipe
+from mfrecipes.run import layout
 from mfrecipes.train import checkpoint as ckpt
 from mfrecipes.train.loop import Trainer
 
@@ -104,7 +105,7 @@ def test_resume_deepspeed_checkpoint_with_single_engine(runs, tmp_path):
     state = ckpt.load_train_state(str(folder))
     state["engine"] = {}
     torch.save(state, folder / "train_state.pt")
-    meta = ckpt.load_meta(str(folder))  # a valid checkpoint, only without optimiser state
+    meta = layout.load_meta(str(folder))  # a valid checkpoint, only without optimiser state
     meta["files"]["train_state.pt"] = ckpt.file_digest(str(folder / "train_state.pt"))
     (folder / "meta.json").write_text(json.dumps(meta))
     recipe, data = load_recipe(str(lost / "recipe.resolved.yaml"), ["engine=single"])

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from ds_launch import RECIPE, final_weights, kill, run, spawn, wait
+from mfrecipes.run import layout
 from mfrecipes.train import checkpoint as ckpt
 
 STEPS = 40                     # 32 images a step
@@ -44,7 +45,7 @@ def check_checkpoints(run_dir: Path) -> list[str]:
     names = sorted(n for n in os.listdir(root) if n.startswith("img-")) if root.is_dir() else []
     for name in names:
         folder = str(root / name)
-        meta = ckpt.load_meta(folder)
+        meta = layout.load_meta(folder)
         assert meta["complete"] and meta["world_size"] == 2
         groups = ckpt.load_weights(folder)
         assert set(groups) == {"net", "ema_0.9"}

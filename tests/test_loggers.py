@@ -16,7 +16,8 @@ from mfrecipes.errors import RecipeError
 from mfrecipes.recipe import load_recipe
 from mfrecipes.recipe.build import check_recipe
 from mfrecipes.registry import LOGGERS
-from mfrecipes.train.log import MetricLogger, RunLogger, logger_blocks, read_jsonl
+from mfrecipes.run.layout import read_jsonl
+from mfrecipes.train.log import MetricLogger, RunLogger, logger_blocks
 from mfrecipes.train.loop import Trainer
 
 TOY = """

@@ -9,7 +9,8 @@ from mfrecipes.cli import main
 from mfrecipes.objectives.flow_matching import FlowMatching
 from mfrecipes.recipe import load_recipe
 from mfrecipes.registry import LOGGERS, OBJECTIVES
-from mfrecipes.train.log import MetricLogger, read_jsonl
+from mfrecipes.run.layout import read_jsonl
+from mfrecipes.train.log import MetricLogger
 from mfrecipes.train.loop import Trainer
 
 TOY = """

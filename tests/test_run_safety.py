@@ -24,6 +24,7 @@ from data_fixtures import write_wds_shards
 from shared_parts import TOY_RECIPE
 from mfrecipes.errors import CheckpointError, RecipeError, TrainingError
 from mfrecipes.recipe import load_recipe
+from mfrecipes.run import layout
 from mfrecipes.train import checkpoint as ckpt
 from mfrecipes.train.loop import Trainer
 
@@ -336,7 +337,7 @@ def test_failed_checkpoint_write_is_a_clear_message(finished, tmp_path, capsys):
     assert "img-000000001280 is intact" in text and "\n" not in text
     names = sorted(os.listdir(run_dir / "checkpoints"))
     assert not any(n.startswith(".tmp-") for n in names)
-    ckpt.verify_checkpoint(str(run_dir / "checkpoints" / ckpt.checkpoint_name(1280)))
+    layout.verify_checkpoint(str(run_dir / "checkpoints" / ckpt.checkpoint_name(1280)))
 
 
 # -- 4. no non-finite checkpoint ---------------------------------------------------------------
@@ -360,7 +361,7 @@ def test_update_that_blows_up_stops_before_any_save(tmp_path):
     assert "not finite after the update at 704 images" in msg
     assert f"last good checkpoint is {tmp_path / 'run' / 'checkpoints' / 'img-000000000640'}" \
         in msg
-    names = ckpt.checkpoints_newest_first(str(tmp_path / "run" / "checkpoints"))
+    names = layout.checkpoints_newest_first(str(tmp_path / "run" / "checkpoints"))
     assert [os.path.basename(n) for n in names] == ["img-000000000640"]
     groups = ckpt.load_weights(names[0])
     assert all(torch.isfinite(v).all() for g in groups.values() for v in g.values())
@@ -375,7 +376,7 @@ def test_blow_up_before_any_checkpoint_says_none_exists(tmp_path):
         g["weight_decay"] = float("inf")
     with pytest.raises(TrainingError, match="no good checkpoint exists"):
         trainer.run()
-    assert not ckpt.checkpoints_newest_first(str(tmp_path / "run" / "checkpoints"))
+    assert not layout.checkpoints_newest_first(str(tmp_path / "run" / "checkpoints"))
 
 
 # -- DeepSpeed: its files are never unpickled; the ranks share the lock --------------------------
@@ -400,7 +401,7 @@ def test_deepspeed_resume_ignores_planted_files_and_ranks_share_the_lock(tmp_pat
 
     # A real process holds the lock: both ranks are refused, neither hangs.
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; "
-                               "from mfrecipes.train.rundir import RunLock; "
+                               "from mfrecipes.run.records import RunLock; "
                                f"RunLock({str(cut)!r}).acquire(); print('locked', flush=True); "
                                "time.sleep(600)"], cwd=REPO, env=_env(tmp_path),
                               stdout=subprocess.PIPE, text=True)

@@ -394,7 +394,7 @@ def ds_overrides(cfg: dict, urls: str) -> list[str]:
 
 def read_metrics(path: str) -> dict[int, dict]:
     """step -> the record of that step (records without a step, e.g. sampler notes, dropped)."""
-    from mfrecipes.train.log import read_jsonl
+    from mfrecipes.run.layout import read_jsonl
 
     return {int(rec["step"]): rec for rec in read_jsonl(path) if "loss" in rec and "step" in rec}
 

@@ -381,15 +381,16 @@ def total_images(job: Job) -> int:
 def is_complete(job: Job) -> bool:
     """Training: the newest checkpoint holds the recipe's total images. Evaluation: eval.jsonl
     already has every metric the job writes, for the final checkpoint."""
-    from mfrecipes.train.checkpoint import latest_checkpoint, load_meta
+    from mfrecipes.run import layout
+    from mfrecipes.run.layout import latest_checkpoint, load_meta
 
-    folder = latest_checkpoint(os.path.join(job.run_dir, "checkpoints"))
+    folder = latest_checkpoint(layout.checkpoints_dir(job.run_dir))
     if folder is None:
         return False
     images = int(load_meta(folder).get("images", 0))
     if job.kind == "train":
         return images >= total_images(job)
-    path = os.path.join(job.run_dir, "eval.jsonl")
+    path = os.path.join(job.run_dir, layout.EVAL)
     if not os.path.isfile(path):
         return False
     seen: set[str] = set()

@@ -26,8 +26,13 @@ class CacheRebuildWarning(UserWarning):
     """A cached shard folder was invalid and is being rebuilt."""
 
 
-def default_cache_dir() -> Path:
-    """``$MFR_CACHE_DIR``, else ``~/.cache/mfrecipes``."""
+def default_cache_dir(recipe=None) -> Path:
+    """The cache folder of every download, shard set and metric model: the recipe's
+    ``run.cache_dir`` when given and set, else ``$MFR_CACHE_DIR``, else ``~/.cache/mfrecipes``.
+    (The one definition: the builder, the loop, ``evaluate/`` and the metric models use it.)"""
+    chosen = getattr(getattr(recipe, "run", None), "cache_dir", None)
+    if chosen:
+        return Path(chosen).expanduser()
     env = os.environ.get("MFR_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mfrecipes"
 

@@ -37,14 +37,15 @@ import attrs
 import numpy as np
 import torch
 
+from mfrecipes.devices import pick_device
 from mfrecipes.errors import DataError, RecipeError
+from mfrecipes.run import layout
 
 __all__ = ["SamplerSpec", "sampler_specs", "parse_labels", "iter_samples", "to_uint8_images",
-           "sample_run", "eval_run", "append_eval", "format_record", "EVAL_FILE", "BLOCK",
-           "pick_device"]
+           "sample_run", "eval_run", "append_eval", "format_record", "EVAL_FILE", "BLOCK"]
 
 BLOCK = 10_000
-EVAL_FILE = "eval.jsonl"
+EVAL_FILE = layout.EVAL  # RUN_DIR/eval.jsonl: the records of mfr eval
 GRID_MAX = 100
 
 
@@ -94,15 +95,6 @@ def parse_labels(text: Optional[str], n: int, num_classes: Optional[int]):
         raise RecipeError(f"--labels {text!r}: classes must lie in 0..{num_classes - 1} "
                           f"({num_classes} = the null class)", path="--labels")
     return torch.tensor(classes, dtype=torch.long).repeat(n // len(classes) + 1)[:n]
-
-
-def pick_device(name: Optional[str]) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RecipeError("--device cuda: no CUDA device is available; use auto or cpu",
-                          path="--device")
-    return torch.device(name)
 
 
 def _block_seed(seed: int, k: int) -> int:
@@ -177,7 +169,7 @@ def sample_run(run_dir: str, *, spec: SamplerSpec = SamplerSpec(1), weights: str
 
     if num < 1:
         raise RecipeError(f"--num must be >= 1, got {num}", path="--num")
-    dev = pick_device(device)
+    dev = pick_device(device, where="--device")
     run = load_run(run_dir, checkpoint=checkpoint, weights=weights, device=dev)
     info = run.info
     lab = parse_labels(labels, num, info.num_classes)
@@ -188,24 +180,26 @@ def sample_run(run_dir: str, *, spec: SamplerSpec = SamplerSpec(1), weights: str
         ys.append(None if y is None else y.cpu())
     x = torch.cat(xs)
     y = None if ys[0] is None else torch.cat(ys)
-    out = out or os.path.join(run_dir, "samples")
+    out = out or layout.samples_dir(run_dir)
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, _stem(run, spec, num, seed))
     arrays: dict[str, np.ndarray] = {
         "x": x.numpy(), "y": (y.numpy() if y is not None else np.full(num, -1, np.int64))}
     png = stem + ".png"
+    title = (f"{os.path.basename(os.path.normpath(run_dir))} | {spec.tag} | {run.images:,} "
+             f"images | {run.weights}")
     if info.modality == "points":
-        ref = run.get_dataset().reference(num, seed)
-        plots.save_scatter(x, png, reference=ref, labels=y,
-                           title=f"{os.path.basename(os.path.normpath(run_dir))} | {spec.tag} | "
-                                 f"{run.images:,} images | {run.weights}")
+        plots.save_samples(x, png, modality="points", title=title, labels=y,
+                           reference=run.get_dataset().reference(num, seed))
     else:
-        decoder = _Decoder(info, dev, min(batch_size, 64), vae)
-        images = decoder.uint8(x)
-        arrays["arr_0"] = images
+        # Latents are decoded once, for the .npz and the picture alike (the grid's pixels are
+        # the .npz's uint8 images).
+        images = _Decoder(info, dev, min(batch_size, 64), vae).images(x)
+        arrays["arr_0"] = to_uint8_images(images)
         arrays["arr_1"] = arrays["y"]
-        grid = torch.from_numpy(images[:GRID_MAX]).permute(0, 3, 1, 2).float()
-        plots.save_image_grid((grid - 128) / 127.5, png)   # the uint8 images, back to [-1, 1]
+        balanced = labels == "balanced" and info.num_classes
+        plots.save_samples(images[:GRID_MAX], png, modality="image", title=title,
+                           class_columns=info.num_classes if balanced else None)
     npz = stem + ".npz"
     tmp = f"{stem}.{os.getpid()}.tmp.npz"
     np.savez(tmp, **arrays)
@@ -282,11 +276,11 @@ def eval_run(run_dir: str, *, specs: Sequence[SamplerSpec] = (SamplerSpec(1),),
     from mfrecipes import evaluate
     from mfrecipes.evaluate import fid as fidmod
     from mfrecipes.evaluate.load import load_run
-    from mfrecipes.recipe.build import default_cache_dir
+    from mfrecipes.data.cache import default_cache_dir
 
     if ref and ref_shards:
         raise RecipeError("give either --ref STATS.npz or --ref-shards URL, not both")
-    dev = pick_device(device)
+    dev = pick_device(device, where="--device")
     run = load_run(run_dir, checkpoint=checkpoint, weights=weights, device=dev)
     info, ev = run.info, run.recipe.eval
     if ref_shards == TRAIN_SHARDS:

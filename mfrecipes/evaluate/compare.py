@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import attrs
 
 from mfrecipes.errors import RecipeError
-from mfrecipes.train.log import read_jsonl
+from mfrecipes.run.layout import EVAL, METRICS, RESOLVED, read_jsonl
 
 __all__ = ["RunCurve", "load_run_curve", "flatten", "differing_keys", "compare",
            "Comparison", "lower_is_better", "images_to_threshold", "SEED_KEYS"]
@@ -85,14 +85,13 @@ def _with_defaults(resolved: dict) -> dict:
 
 def load_run_curve(run_dir: str, metric: str) -> RunCurve:
     from mfrecipes.recipe.load import read_yaml
-    from mfrecipes.train.rundir import RESOLVED
 
     path = os.path.join(run_dir, RESOLVED)
     if not os.path.isfile(path):
         raise RecipeError(f"{run_dir!r} is not a run directory (no {RESOLVED})")
     recipe = flatten(_with_defaults(read_yaml(path)))
     pts: dict[int, float] = {}
-    for source in ("eval.jsonl", "metrics.jsonl"):   # metrics.jsonl wins on equal images
+    for source in (EVAL, METRICS):   # metrics.jsonl wins on equal images
         for rec in read_jsonl(os.path.join(run_dir, source)):
             v = rec.get(metric)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
@@ -238,7 +237,7 @@ def run_metrics(run_dir: str) -> set[str]:
     """The numeric keys a run logged (metrics.jsonl and eval.jsonl), ``images``/``step``/``time``
     aside."""
     keys: set[str] = set()
-    for source in ("eval.jsonl", "metrics.jsonl"):
+    for source in (EVAL, METRICS):
         for rec in read_jsonl(os.path.join(run_dir, source)):
             keys.update(k for k, v in rec.items() if k not in ("images", "step", "time", "seed",
                                                                "num")

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mfrecipes.data.cache import default_cache_dir
+
 __all__ = ["DigitsCNN", "DigitsClassifier", "load_digits_classifier", "digits_features",
            "digits_fd", "default_cache_dir"]
 
@@ -27,12 +29,6 @@ VERSION = 1
 FEATURE_DIM = 64
 DEFAULT_EPOCHS = 40
 HOLDOUT_FRACTION = 0.2
-
-
-def default_cache_dir() -> Path:
-    """``$MFR_CACHE_DIR`` if set, else ``~/.cache/mfrecipes``."""
-    env = os.environ.get("MFR_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mfrecipes"
 
 
 class DigitsCNN(nn.Module):

@@ -14,6 +14,8 @@ from torch import nn
 
 from mfrecipes.data.base import DataInfo
 from mfrecipes.errors import CheckpointError, RecipeError
+# Finding weights in a run directory is the run directory's own business.
+from mfrecipes.run.layout import RESOLVED, find_checkpoint, select_weights
 
 __all__ = ["LoadedRun", "load_run", "select_weights", "find_checkpoint", "run_data"]
 
@@ -53,7 +55,6 @@ def _read_recipe(run_dir: str, *, allow_imports: bool = False):
     from mfrecipes import plugins
     from mfrecipes.recipe import load_recipe
     from mfrecipes.recipe.build import load_imports
-    from mfrecipes.train.rundir import RESOLVED
 
     path = os.path.join(run_dir, RESOLVED)
     if not os.path.isfile(path):
@@ -68,45 +69,6 @@ def _read_recipe(run_dir: str, *, allow_imports: bool = False):
     load_imports(recipe)  # a recipe's own modules register its components
     plugins.load_components()
     return recipe
-
-
-def find_checkpoint(run_dir: str, checkpoint: Optional[str] = None) -> str:
-    """The checkpoint folder: ``checkpoint`` (a folder, or a name under RUN_DIR/checkpoints) or,
-    by default, the newest complete one."""
-    from mfrecipes.train import checkpoint as ckpt
-
-    root = os.path.join(run_dir, "checkpoints")
-    if checkpoint is None:
-        folder = ckpt.latest_checkpoint(root)
-        if folder is None:
-            raise CheckpointError(f"run {run_dir} has no complete checkpoint under {root}; train "
-                                  f"it first (mfr run) or pass --checkpoint FOLDER")
-        return folder
-    for cand in (checkpoint, os.path.join(root, checkpoint)):
-        if os.path.isfile(os.path.join(cand, ckpt.WEIGHTS)):
-            return cand
-    names = sorted(n for n in os.listdir(root) if n.startswith("img-")) \
-        if os.path.isdir(root) else []
-    raise CheckpointError(f"checkpoint {checkpoint!r} not found (no {ckpt.WEIGHTS}); valid: a "
-                          f"checkpoint folder, or one of {names or 'none'} under {root}")
-
-
-def select_weights(groups: dict[str, dict], which: str, *, order: Optional[list] = None
-                   ) -> str:
-    """The weights group for ``which``: ``ema`` (the first EMA, in ``order`` when given),
-    ``raw`` (the trained weights, group ``net``) or an exact group name such as ``ema_0.999``."""
-    emas = [k for k in (order or sorted(groups)) if k.startswith("ema_") and k in groups]
-    if which == "ema":
-        if not emas:
-            raise CheckpointError(f"the checkpoint holds no EMA weights (groups: "
-                                  f"{', '.join(sorted(groups))}); use --weights raw")
-        return emas[0]
-    if which in ("raw", "net"):
-        return "net"
-    if which in groups:
-        return which
-    raise CheckpointError(f"no weights {which!r} in the checkpoint; valid: ema, raw, "
-                          f"{', '.join(sorted(k for k in groups if k != 'net'))}")
 
 
 def run_data(recipe) -> tuple[DataInfo, Any]:
@@ -135,12 +97,13 @@ def load_run(run_dir: Union[str, os.PathLike], *, checkpoint: Optional[str] = No
     """Build the run's backbone and load one checkpoint's ``weights`` (``ema``, ``raw`` or a
     group name) onto ``device`` in eval mode."""
     from mfrecipes.recipe.build import build_backbone
+    from mfrecipes.run.layout import load_meta
     from mfrecipes.train import checkpoint as ckpt
 
     run_dir = os.fspath(run_dir)
     recipe = _read_recipe(run_dir)
     folder = find_checkpoint(run_dir, checkpoint)
-    meta = ckpt.load_meta(folder)
+    meta = load_meta(folder)
     groups = ckpt.load_weights(folder)
     key = select_weights(groups, weights, order=meta.get("ema"))
     info, dataset = run_data(recipe)

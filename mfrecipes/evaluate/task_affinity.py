@@ -139,10 +139,10 @@ def task_affinity_run(run_dir: str, *, gap_ranges=DEFAULT_GAP_RANGES, num_batche
     """:func:`task_affinity` on a checkpoint of a run, with the run's data, objective and sampler
     (``fm_ratio`` forced to 0, its own ``gap_range`` dropped: the ranges here replace it)."""
     from mfrecipes import registry
-    from mfrecipes.evaluate.commands import pick_device
+    from mfrecipes.devices import pick_device
     from mfrecipes.evaluate.load import load_run
 
-    dev = pick_device(device)
+    dev = pick_device(device, where="--device")
     run = load_run(run_dir, checkpoint=checkpoint, weights=weights, device=dev)
     recipe = run.recipe
     net = run.net.train().requires_grad_(True)

@@ -17,7 +17,7 @@ import attrs
 import torch
 
 from mfrecipes.registry import GAP_SCHEDULES
-from mfrecipes.timestep_samplers.checks import integer, number, optional_number
+from mfrecipes.validate import integer, number, optional_number
 from mfrecipes.timestep_samplers.monte_carlo import branch_mean
 
 __all__ = ["ProgressiveGapWeighting"]

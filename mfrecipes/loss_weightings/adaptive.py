@@ -6,7 +6,7 @@ import attrs
 import torch
 
 from mfrecipes.registry import LOSS_WEIGHTINGS
-from mfrecipes.timestep_samplers.checks import number
+from mfrecipes.validate import number
 
 __all__ = ["AdaptiveWeighting", "adaptive_weights"]
 

@@ -25,7 +25,7 @@ import torch
 
 from mfrecipes.loss_weightings.adaptive import adaptive_weights
 from mfrecipes.registry import LOSS_WEIGHTINGS
-from mfrecipes.timestep_samplers.checks import integer, number
+from mfrecipes.validate import integer, number
 from mfrecipes.timestep_samplers.monte_carlo import branch_mean
 
 __all__ = ["MinSNRWeighting", "min_snr_alpha"]

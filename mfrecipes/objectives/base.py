@@ -20,7 +20,6 @@ __all__ = [
     "sum_sq",
     "check_inputs",
     "apply_class_dropout",
-    "check_probability",
     "check_guidance_needs_labels",
     "to_floats",
     "masked_mean",
@@ -104,18 +103,6 @@ def apply_class_dropout(y: Optional[torch.Tensor], p: float, num_classes: Option
         share = p * y.shape[0] / eligible.sum().clamp_min(1).to(torch.float32)
         dropped = eligible & (u < share)
     return torch.where(dropped, torch.full_like(y, num_classes), y), dropped
-
-
-def check_real(name: str, value) -> None:
-    """A real number (int or float, not bool): the message says which type was expected."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-
-
-def check_probability(name: str, value: float) -> None:
-    check_real(name, value)
-    if not (0.0 <= value <= 1.0):
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
 
 
 def check_guidance_needs_labels(num_classes: Optional[int], **settings: float) -> None:

@@ -15,12 +15,12 @@ from mfrecipes.objectives.base import (
     apply_class_dropout,
     check_guidance_needs_labels,
     check_inputs,
-    check_probability,
     interpolate,
     sum_sq,
     to_floats,
 )
 from mfrecipes.registry import OBJECTIVES
+from mfrecipes.validate import check_probability
 
 __all__ = ["FlowMatching"]
 

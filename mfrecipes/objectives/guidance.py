@@ -20,8 +20,8 @@ from typing import Optional
 import attrs
 import torch
 
-from mfrecipes.objectives.base import (as_batch, check_guidance_needs_labels, check_probability,
-                                       check_real)
+from mfrecipes.objectives.base import as_batch, check_guidance_needs_labels
+from mfrecipes.validate import check_probability, check_real
 
 __all__ = ["Guidance"]
 

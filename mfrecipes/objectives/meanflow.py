@@ -23,7 +23,6 @@ from mfrecipes.objectives.base import (
     ObjectiveOutput,
     apply_class_dropout,
     as_batch,
-    check_real,
     check_inputs,
     draw,
     interpolate,
@@ -38,6 +37,7 @@ from mfrecipes.objectives.guidance import Guidance
 from mfrecipes.objectives.jvp import JVP_IMPLS
 from mfrecipes.objectives.planner import ForwardPlanner, Tangent
 from mfrecipes.registry import OBJECTIVES
+from mfrecipes.validate import check_real
 
 __all__ = ["MeanFlow", "MeanFlowBased", "MeanFlowSettings"]
 

@@ -8,13 +8,9 @@ import attrs
 
 from mfrecipes import contracts, plugins, registry
 from mfrecipes.errors import RecipeError
-from mfrecipes.recipe.schema import COMPONENT_SECTIONS, Recipe
-
-
-def default_cache_dir(recipe: Recipe | None = None) -> str:
-    if recipe is not None and recipe.run.cache_dir:
-        return os.path.expanduser(recipe.run.cache_dir)
-    return os.path.expanduser(os.environ.get("MFR_CACHE_DIR", "~/.cache/mfrecipes"))
+from mfrecipes.recipe.schema import COMPONENT_SECTIONS, Recipe, batch_plan  # noqa: F401
+from mfrecipes.run.layout import find_init_weights
+from mfrecipes.validate import check_param_types
 
 
 def load_imports(recipe: Recipe) -> None:
@@ -61,26 +57,6 @@ def check_recipe(recipe: Recipe, *, for_run: bool = False) -> dict[str, Any]:
     return parts
 
 
-def batch_plan(cfg, world_size: int, path: str = "train") -> tuple[int, int]:
-    """``(micro batch per rank, accumulation steps)`` of a data-parallel run of ``world_size``
-    ranks; global batch = micro x accumulation steps x world size. Without
-    ``micro_batch_size`` each rank takes global / world size in one micro batch. A split that
-    does not come out even is a ``RecipeError`` naming the key and the nearest valid sizes."""
-    g, mb = cfg.global_batch_size, cfg.micro_batch_size
-    unit = world_size if mb is None else mb * world_size
-    if g % unit == 0:
-        return (g // world_size, 1) if mb is None else (mb, g // unit)
-    near = [v for v in (g // unit * unit, (g // unit + 1) * unit) if v > 0]
-    what = (f"the world size {world_size} (train.micro_batch_size unset: each rank takes "
-            f"global / world size)" if mb is None else
-            f"the world size {world_size} x micro_batch_size {mb} (global = micro x "
-            f"accumulation steps x world size)")
-    hint = ", or set train.micro_batch_size" if mb is None else ""
-    raise RecipeError(f"{path}.global_batch_size {g} is not divisible by {what}; valid global "
-                      f"batch sizes near it: {', '.join(map(str, near))} (any multiple of "
-                      f"{unit}){hint}", path=f"{path}.global_batch_size")
-
-
 def check_world_size(recipe: Recipe, world_size: int) -> None:
     """Whether ``recipe`` can run on ``world_size`` ranks (``mfr check --world-size``, and
     ``mfr run`` under a launcher): the DeepSpeed engine splits the global batch over the ranks;
@@ -109,8 +85,7 @@ def _check_single(recipe: Recipe) -> dict[str, Any]:
         params = block.get("params") or {}
         check_param_types(factory, params, f"{section}.params", skip=reg.runtime_args)
         _check_attrs_params(factory, params, f"{section}.params")
-    from mfrecipes.registry import LOGGERS
-    from mfrecipes.train.log import logger_blocks
+    from mfrecipes.registry import LOGGERS, logger_blocks
 
     for path, block in logger_blocks(recipe.train.loggers):  # names, params, packages
         check_param_types(LOGGERS.get(block["name"]), block.get("params") or {},
@@ -171,95 +146,6 @@ def _check_attrs_params(factory, params: dict, where: str) -> None:
 
 
 # -- parameter types -----------------------------------------------------------------------------
-def _type_of(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _expectation(tp: Any):
-    """``(accepts(value) -> bool, "what is expected")`` for an annotation, or None when the
-    annotation says nothing checkable (the component's own validation decides)."""
-    import collections.abc
-    import types
-    import typing
-
-    if tp is bool:
-        return (lambda v: isinstance(v, bool)), "true or false"
-    if tp is int:
-        # An integral float (YAML's 1e5) is left to the component.
-        return (lambda v: not isinstance(v, bool) and (isinstance(v, int) or (
-            isinstance(v, float) and v.is_integer()))), "an integer"
-    if tp is float:
-        return (lambda v: not isinstance(v, bool) and isinstance(v, (int, float))), "a number"
-    if tp is str:
-        return (lambda v: isinstance(v, str)), "a string"
-    if tp is type(None):
-        return (lambda v: v is None), "null"
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Literal:
-        return (lambda v: any(v == a and type(v) is type(a) for a in args)), \
-            f"one of {', '.join(map(repr, args))}"
-    if origin in (typing.Union, types.UnionType):
-        parts = [_expectation(a) for a in args]
-        if any(p is None for p in parts):
-            return None
-        return (lambda v: any(ok(v) for ok, _ in parts)), " or ".join(d for _, d in parts)
-    if origin in (list, tuple, collections.abc.Sequence) or tp in (list, tuple):
-        item = _expectation(args[0]) if len(args) == 1 or (len(args) == 2 and args[1] is ...) \
-            else None
-        if item is None:
-            return (lambda v: isinstance(v, (list, tuple))), "a list"
-        ok_item, what = item
-        return (lambda v: isinstance(v, (list, tuple)) and all(ok_item(x) for x in v)), \
-            f"a list of {what.removeprefix('an ').removeprefix('a ')}s" \
-            if what.startswith(("a ", "an ")) else f"a list (items: {what})"
-    if origin in (dict, collections.abc.Mapping) or tp in (dict,):
-        return (lambda v: isinstance(v, dict)), "a mapping"
-    return None
-
-
-def _annotation(factory: Any, ann: Any) -> Any:
-    """A parameter's annotation as a type: postponed ones (strings) are read in the namespace
-    of the module that defines the component or one of its bases; None if none can."""
-    import sys
-
-    if not isinstance(ann, str):
-        return ann
-    owners = factory.__mro__ if isinstance(factory, type) else (factory,)
-    for owner in owners:
-        module = sys.modules.get(getattr(owner, "__module__", ""))
-        if module is None:
-            continue
-        try:
-            return eval(ann, dict(vars(module)))  # noqa: S307 - annotation text of imported code
-        except Exception:  # noqa: BLE001 - a name this module lacks: try the next
-            continue
-    return None
-
-
-def check_param_types(factory: Any, params: dict, where: str, *, skip=()) -> None:
-    """Every parameter of a component against its annotated type: a wrong one is a
-    ``RecipeError`` at its full key path saying what was expected and what came
-    (``objective.params.beta_cv: expected a number, got 'x' (str)``). The default value (None
-    included) is always accepted; annotations that cannot be read are not checked."""
-    import inspect
-
-    try:
-        sig = inspect.signature(factory)
-    except (TypeError, ValueError):
-        return
-    for name, value in params.items():
-        p = sig.parameters.get(name)
-        if p is None or name in skip or p.annotation is inspect.Parameter.empty:
-            continue
-        if value is None and p.default is None:
-            continue
-        want = _expectation(_annotation(factory, p.annotation))
-        if want is None or want[0](value):
-            continue
-        raise RecipeError(f"expected {want[1]}, got {value!r} ({_type_of(value)})",
-                          path=f"{where}.{name}")
-
-
 def _static_data_info(factory, params):
     """A dataset may expose ``static_info(**params)`` so that checks need no data on disk."""
     fn = getattr(factory, "static_info", None)
@@ -393,8 +279,11 @@ def build_backbone(recipe: Recipe, info):
 
 
 def build_dataset(recipe: Recipe, *, rank: int = 0, world_size: int = 1):
+    from mfrecipes.data.cache import default_cache_dir
+
     return _build(registry.DATASETS, recipe.data.as_dict(), "data", seed=recipe.run.seed,
-                  rank=rank, world_size=world_size, cache_dir=default_cache_dir(recipe))
+                  rank=rank, world_size=world_size,
+                  cache_dir=os.fspath(default_cache_dir(recipe)))
 
 
 def describe(component: Any) -> str:
@@ -455,23 +344,3 @@ def _yaml_value(v: Any) -> str:
     import json
 
     return json.dumps(v)  # JSON is YAML: lists, numbers, strings and nulls round-trip
-
-
-def find_init_weights(path: str) -> str:
-    """The weights file behind ``init_from.path``: a run directory, a checkpoint folder or a file."""
-    import os
-
-    from mfrecipes.errors import CheckpointError
-    from mfrecipes.train import checkpoint as ckpt
-
-    where = "init_from.path"
-    if os.path.isfile(path) and path.endswith(".safetensors"):
-        return path
-    if os.path.isfile(os.path.join(path, ckpt.WEIGHTS)):
-        return os.path.join(path, ckpt.WEIGHTS)
-    latest = ckpt.latest_checkpoint(os.path.join(path, "checkpoints"))
-    if latest is not None:
-        return os.path.join(latest, ckpt.WEIGHTS)
-    raise CheckpointError(f"no weights at {path!r}: expected a run directory with checkpoints/, a "
-                          f"checkpoint folder holding {ckpt.WEIGHTS}, or a .safetensors file",
-                          path=where)

@@ -402,3 +402,23 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_to_plain(v) for v in obj]
     return obj
+
+
+def batch_plan(cfg: "TrainCfg", world_size: int, path: str = "train") -> tuple[int, int]:
+    """``(micro batch per rank, accumulation steps)`` of a data-parallel run of ``world_size``
+    ranks; global batch = micro x accumulation steps x world size. Without
+    ``micro_batch_size`` each rank takes global / world size in one micro batch. A split that
+    does not come out even is a ``RecipeError`` naming the key and the nearest valid sizes."""
+    g, mb = cfg.global_batch_size, cfg.micro_batch_size
+    unit = world_size if mb is None else mb * world_size
+    if g % unit == 0:
+        return (g // world_size, 1) if mb is None else (mb, g // unit)
+    near = [v for v in (g // unit * unit, (g // unit + 1) * unit) if v > 0]
+    what = (f"the world size {world_size} (train.micro_batch_size unset: each rank takes "
+            f"global / world size)" if mb is None else
+            f"the world size {world_size} x micro_batch_size {mb} (global = micro x "
+            f"accumulation steps x world size)")
+    hint = ", or set train.micro_batch_size" if mb is None else ""
+    raise RecipeError(f"{path}.global_batch_size {g} is not divisible by {what}; valid global "
+                      f"batch sizes near it: {', '.join(map(str, near))} (any multiple of "
+                      f"{unit}){hint}", path=f"{path}.global_batch_size")

@@ -2,7 +2,7 @@
 
 Importing the package registers every built-in sampler.
 """
-from mfrecipes.timestep_samplers import checks, monte_carlo  # noqa: F401
+from mfrecipes.timestep_samplers import monte_carlo  # noqa: F401
 from mfrecipes.timestep_samplers.base import PairSampler
 from mfrecipes.timestep_samplers.dtd import DTD
 from mfrecipes.timestep_samplers.logit_normal import LogitNormal

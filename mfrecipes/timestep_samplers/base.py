@@ -21,7 +21,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from mfrecipes.timestep_samplers.checks import as_tuple, number
+from mfrecipes.validate import as_tuple, number
 
 __all__ = ["PairSampler"]
 

@@ -50,7 +50,7 @@ import torch
 from mfrecipes.errors import CheckpointError
 from mfrecipes.registry import TIMESTEP_SAMPLERS
 from mfrecipes.timestep_samplers.base import PairSampler
-from mfrecipes.timestep_samplers.checks import as_tuple, integer, number, one_of
+from mfrecipes.validate import as_tuple, integer, number, one_of
 from mfrecipes.timestep_samplers.logit_normal import logit_normal
 
 __all__ = ["DTD", "cluster_edges"]

@@ -15,7 +15,7 @@ import torch
 
 from mfrecipes.registry import TIMESTEP_SAMPLERS
 from mfrecipes.timestep_samplers.base import PairSampler
-from mfrecipes.timestep_samplers.checks import number, optional_number
+from mfrecipes.validate import number, optional_number
 
 __all__ = ["LogitNormal", "logit_normal"]
 

@@ -1,16 +1,7 @@
 """Atomic checkpoints: a plain safetensors weights file beside a small train-state file.
 
-Layout of ``RUN_DIR/checkpoints``::
-
-    img-000000012800/          images seen, zero-padded so names sort by progress
-        weights.safetensors    raw weights as ``net/*`` and every EMA as ``ema_<decay>/*``
-        train_state.pt         optimiser (torch AdamW layout), RNG states and data position of
-                               every rank, counters, component states
-        deepspeed/             DeepSpeed's own files, one partition per rank (engine: deepspeed)
-        meta.json              images, step, the keys above, versions, and the size and
-                               SHA-256 of weights.safetensors and train_state.pt (written last)
-    latest                     the name of the newest complete checkpoint
-    damaged-img-.../           a checkpoint that failed verification on resume, set aside (kept)
+The layout of ``RUN_DIR/checkpoints`` (folder and file names) and the read-only lookups
+(newest complete checkpoint, verification) are ``mfrecipes.run.layout``.
 
 A checkpoint is written into a hidden temporary folder and renamed into place, and ``latest`` is
 replaced atomically afterwards, so a crash at any moment leaves either the old or the new
@@ -24,9 +15,6 @@ that fails (a full disk) removes its own temporary folder and says which checkpo
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
 import json
 import os
 import pickle
@@ -36,61 +24,16 @@ from typing import Any
 import torch
 
 from mfrecipes.errors import CheckpointError
+# The layout of a checkpoint folder and the read-only lookups live with the run directory's
+# other names; this module writes, prunes, sets aside and loads.
+from mfrecipes.run.layout import (DAMAGED, LATEST, META, STATE, WEIGHTS, complete_names,
+                                  atomic_write_text, checkpoint_name, file_digest, fsync_dir,
+                                  latest_checkpoint)
 
-WEIGHTS = "weights.safetensors"
-STATE = "train_state.pt"
-META = "meta.json"
-LATEST = "latest"
-DAMAGED = "damaged-"
 # Keys a train state must hold, and their types (a damaged or foreign file fails here).
 # The random streams are "streams" (one generator per purpose); older checkpoints hold one
 # "generator" tensor instead.
 _STATE_KEYS = {"images": int, "step": int, "nonfinite": int, "engine": dict}
-
-
-def file_digest(path: str) -> dict[str, Any]:
-    """``{"bytes": size, "sha256": hex}`` of a file, read in 8 MiB chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, "sha256": h.hexdigest()}
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)  # a full disk leaves the old file and no half-written one
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def disk_full(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def checkpoint_name(images: int) -> str:
-    return f"img-{images:012d}"
 
 
 def _fsync_tree(folder: str) -> None:
@@ -98,7 +41,7 @@ def _fsync_tree(folder: str) -> None:
         for fn in files:
             with open(os.path.join(root, fn), "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(root)
+        fsync_dir(root)
 
 
 def save_checkpoint(ckpt_root: str, *, images: int, step: int,
@@ -148,7 +91,7 @@ def save_checkpoint(ckpt_root: str, *, images: int, step: int,
         if os.path.exists(final):  # same image count written again (e.g. final == periodic)
             _remove(ckpt_root, name)
         os.rename(tmp, final)
-        _fsync_dir(ckpt_root)
+        fsync_dir(ckpt_root)
         atomic_write_text(os.path.join(ckpt_root, LATEST), name + "\n")
     except OSError as err:
         raise CheckpointError(_write_failed(ckpt_root, name, _one_line(err))) from err
@@ -193,104 +136,22 @@ def _write_failed(ckpt_root: str, name: str, failure: str) -> str:
             f"left, {intact}; {hint}resume with `mfr run RUN_DIR`")
 
 
-def _complete(ckpt_root: str) -> list[str]:
-    names = [n for n in os.listdir(ckpt_root) if n.startswith("img-")
-             and os.path.isfile(os.path.join(ckpt_root, n, META))]
-    return sorted(names)
-
-
 def _remove(ckpt_root: str, name: str) -> None:
     """Delete a checkpoint folder; renamed out of sight first, so a crash mid-delete never
     leaves a visible folder with files missing."""
     hidden = os.path.join(ckpt_root, f".tmp-del-{name}-{os.getpid()}")
     shutil.rmtree(hidden, ignore_errors=True)
     os.rename(os.path.join(ckpt_root, name), hidden)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
     shutil.rmtree(hidden, ignore_errors=True)
 
 
 def _prune(ckpt_root: str, keep: int) -> None:
-    for name in _complete(ckpt_root)[:-keep]:
+    for name in complete_names(ckpt_root)[:-keep]:
         _remove(ckpt_root, name)
     for name in os.listdir(ckpt_root):  # temporaries of crashed writers
         if name.startswith(".tmp-") and not name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
-
-
-def latest_checkpoint(ckpt_root: str) -> str | None:
-    """The newest complete checkpoint folder, or None when there is none."""
-    if not os.path.isdir(ckpt_root):
-        return None
-    complete = _complete(ckpt_root)
-    pointer = os.path.join(ckpt_root, LATEST)
-    try:
-        with open(pointer, encoding="utf-8") as f:
-            name = f.read().strip()
-    except (OSError, ValueError):  # missing, or not text: the folder names decide
-        name = None
-    if name in complete:
-        return os.path.join(ckpt_root, name)
-    return os.path.join(ckpt_root, complete[-1]) if complete else None
-
-
-def checkpoints_newest_first(ckpt_root: str) -> list[str]:
-    """Every complete checkpoint folder, newest first (the one ``latest`` names leads)."""
-    if not os.path.isdir(ckpt_root):
-        return []
-    names = _complete(ckpt_root)[::-1]
-    first = latest_checkpoint(ckpt_root)
-    if first is not None:
-        names.remove(os.path.basename(first))
-        names.insert(0, os.path.basename(first))
-    return [os.path.join(ckpt_root, n) for n in names]
-
-
-def load_meta(ckpt: str) -> dict:
-    path = os.path.join(ckpt, META)
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as err:  # ValueError: bad JSON, or bytes that are not UTF-8
-        raise CheckpointError(f"damaged checkpoint file {path}: not readable JSON ({err}); "
-                              f"resume uses the previous checkpoint") from err
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"damaged checkpoint file {path}: holds a {type(meta).__name__}, "
-                              f"not the checkpoint's record")
-    return meta
-
-
-def verify_checkpoint(ckpt: str) -> dict:
-    """The checkpoint's ``meta.json`` once its files match it: sizes and SHA-256 checksums,
-    and the image count in the folder's name. A mismatch is a ``CheckpointError`` of one line
-    naming the file. (Checkpoints written before checksums existed are checked for presence.)"""
-    meta = load_meta(ckpt)
-    where = os.path.join(ckpt, META)
-    name = os.path.basename(os.path.normpath(ckpt))
-    images = meta.get("images")
-    if not isinstance(images, int) or (name.startswith("img-") and
-                                       name != checkpoint_name(images)):
-        raise CheckpointError(f"inconsistent checkpoint {where}: images {images!r} does not "
-                              f"match the folder name {name}")
-    files = meta.get("files")
-    if files is not None and not isinstance(files, dict):
-        raise CheckpointError(f"damaged checkpoint file {where}: 'files' is not a mapping")
-    for fn in (WEIGHTS, STATE):
-        path = os.path.join(ckpt, fn)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"damaged checkpoint: {path} is missing")
-        want = (files or {}).get(fn)
-        if files is None:
-            continue
-        if not isinstance(want, dict):
-            raise CheckpointError(f"damaged checkpoint file {where}: no checksum for {fn}")
-        size = os.path.getsize(path)
-        if size != want.get("bytes"):
-            raise CheckpointError(f"damaged checkpoint file {path}: {size} bytes, "
-                                  f"{want.get('bytes')} were written (truncated or changed)")
-        if file_digest(path)["sha256"] != want.get("sha256"):
-            raise CheckpointError(f"damaged checkpoint file {path}: its SHA-256 checksum does "
-                                  f"not match the one written with it")
-    return meta
 
 
 def set_aside(ckpt: str) -> str:
@@ -302,7 +163,7 @@ def set_aside(ckpt: str) -> str:
         n += 1
         target = os.path.join(root, f"{DAMAGED}{name}.{n}")
     os.rename(ckpt, target)
-    _fsync_dir(root)
+    fsync_dir(root)
     return target
 
 

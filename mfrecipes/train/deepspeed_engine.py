@@ -100,8 +100,8 @@ def _free_port() -> int:
 
 def batch_plan(cfg: TrainCfg, world_size: int, path: str = "train") -> tuple[int, int]:
     """``(micro batch per rank, accumulation steps)``; global = micro * accum * world (the rule
-    lives in ``recipe.build.batch_plan``, which ``mfr check --world-size`` uses too)."""
-    from mfrecipes.recipe.build import batch_plan as plan
+    lives in ``recipe.schema.batch_plan``, which ``mfr check --world-size`` uses too)."""
+    from mfrecipes.recipe.schema import batch_plan as plan
 
     return plan(cfg, world_size, path)
 

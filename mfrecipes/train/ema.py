@@ -6,10 +6,7 @@ import copy
 import torch
 from torch import nn
 
-
-def ema_key(decay: float) -> str:
-    """Stable name of one EMA in checkpoints and logs: ``ema_0.9999``."""
-    return f"ema_{decay:g}"
+from mfrecipes.run.layout import ema_key
 
 
 class EMA:

@@ -12,13 +12,13 @@ import uuid
 from typing import Any, Sequence
 
 from mfrecipes.errors import RecipeError
-from mfrecipes.registry import LOGGERS
+from mfrecipes.registry import LOGGERS, logger_blocks
+from mfrecipes.run.layout import METRICS
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-METRICS = "metrics.jsonl"
 
 
 def _clean(v: Any) -> Any:
@@ -46,21 +46,6 @@ def truncate_metrics(run_dir: str, images: int) -> None:
         f.write("".join(k + "\n" for k in kept))
     os.replace(tmp, path)
 
-
-def read_jsonl(path: str) -> list[dict]:
-    """The records of a JSON-lines file (missing file: none; a line cut by a crash: skipped)."""
-    out = []
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return out
-
-
-# -- metric backends -----------------------------------------------------------------------------
 
 class MetricLogger:
     """A metric backend: receives every record of the run, the sample grids, then ``close()``.
@@ -190,36 +175,6 @@ class WandbLogger(MetricLogger):
 
     def close(self) -> None:
         self._run.finish()
-
-
-def default_loggers() -> tuple[str, ...]:
-    """What a recipe without ``train.loggers`` gets: jsonl, and tensorboard when installed."""
-    return ("jsonl",) if TensorBoardLogger.missing() else ("jsonl", "tensorboard")
-
-
-def logger_blocks(loggers: Sequence[Any] | None,
-                  where: str = "train.loggers") -> list[tuple[str, dict]]:
-    """``train.loggers`` as ``(dotted path, {name, params})`` pairs, checked against LOGGERS:
-    known names, valid params, installed packages, and ``jsonl`` present (it is the record)."""
-    if loggers is None:
-        loggers = default_loggers()
-    blocks, seen = [], set()
-    for i, item in enumerate(loggers):
-        path = f"{where}[{i}]"
-        block = {"name": item, "params": {}} if isinstance(item, str) else item.as_dict()
-        LOGGERS.check_params(block, where=path)
-        if block["name"] in seen:
-            raise RecipeError(f"logger {block['name']!r} is listed twice", path=path)
-        seen.add(block["name"])
-        why = getattr(LOGGERS.get(block["name"]), "missing", lambda: None)()
-        if why:
-            raise RecipeError(why, path=path)
-        blocks.append((path, block))
-    if "jsonl" not in seen:
-        raise RecipeError("train.loggers must include 'jsonl': metrics.jsonl is the run's record "
-                          "(resume, mfr eval and the comparison tools read it)\n  available: "
-                          + ", ".join(LOGGERS.names()), path=where)
-    return blocks
 
 
 class RunLogger:

@@ -27,25 +27,19 @@ import torch
 
 from mfrecipes import contracts, registry
 from mfrecipes.data.augment import LabelChannels
+from mfrecipes.data.cache import default_cache_dir
+from mfrecipes.devices import pick_device
 from mfrecipes.errors import CheckpointError, RecipeError, TrainingError
 from mfrecipes.recipe import build as rbuild
 from mfrecipes.recipe.schema import Recipe
 from mfrecipes.train import checkpoint as ckpt
 from mfrecipes.train.compile import compile_backbone
 from mfrecipes.train.ema import EMA
+from mfrecipes.run import layout
+from mfrecipes.run import records as rundir
+from mfrecipes.run.records import write_run_records
 from mfrecipes.train.log import RunLogger, truncate_metrics
-from mfrecipes.train import rundir
-from mfrecipes.train.rundir import write_run_records
 from mfrecipes.train.streams import RandomStreams
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("run.device is 'cuda' but no CUDA device is available; use 'auto' or "
-                          "'cpu'", path="run.device")
-    return torch.device(name)
 
 
 def _crossed(before: int, after: int, every: int | None) -> bool:
@@ -166,7 +160,7 @@ class Trainer:
     def init_weights(self) -> str:
         """Load ``init_from`` weights into the network and every EMA."""
         init = self.recipe.init_from
-        path = rbuild.find_init_weights(init.path)
+        path = layout.find_init_weights(init.path)
         groups = ckpt.load_weights(path)
         key = "net" if init.weights == "raw" else (init.ema or next(
             (k for k in groups if k.startswith("ema_")), None))
@@ -220,7 +214,7 @@ class Trainer:
                 "sample_shape": list(self.info.sample_shape),
                 "num_classes": self.info.num_classes, "world_size": self.world}
         main = self.engine.is_main
-        return ckpt.save_checkpoint(os.path.join(self.run_dir, "checkpoints"), images=self.images,
+        return ckpt.save_checkpoint(layout.checkpoints_dir(self.run_dir), images=self.images,
                                     step=self.step, weights=weights if main else None,
                                     train_state=state if main else None,
                                     meta=meta if main else None,
@@ -228,17 +222,14 @@ class Trainer:
 
     def last_good_checkpoint(self) -> str:
         """A sentence naming the newest checkpoint that verifies, or saying there is none."""
-        for folder in ckpt.checkpoints_newest_first(os.path.join(self.run_dir, "checkpoints")):
-            try:
-                meta = ckpt.verify_checkpoint(folder)
-            except CheckpointError:
-                continue
-            return f"the last good checkpoint is {folder} ({meta['images']} images)"
-        return f"no good checkpoint exists in {self.run_dir}/checkpoints"
+        found = layout.newest_verified(self.run_dir)
+        if found is not None:
+            return f"the last good checkpoint is {found[0]} ({found[1]['images']} images)"
+        return f"no good checkpoint exists in {layout.checkpoints_dir(self.run_dir)}"
 
     def _read_checkpoint(self, folder: str):
         """Verify and read one checkpoint completely, before anything is changed."""
-        meta = ckpt.verify_checkpoint(folder)
+        meta = layout.verify_checkpoint(folder)
         weights = ckpt.load_weights(folder)
         state = ckpt.load_train_state(folder)
         if state["images"] != meta["images"]:
@@ -252,8 +243,8 @@ class Trainer:
     def resume(self) -> bool:
         """Load the newest checkpoint that verifies; a damaged one is reported, set aside
         (``damaged-img-...``, never deleted), and the one before it is used."""
-        root = os.path.join(self.run_dir, "checkpoints")
-        candidates = ckpt.checkpoints_newest_first(root) if self.engine.is_main else None
+        root = layout.checkpoints_dir(self.run_dir)
+        candidates = layout.checkpoints_newest_first(root) if self.engine.is_main else None
         found, problems = None, []
         if self.engine.is_main:
             for folder in candidates:
@@ -336,12 +327,12 @@ class Trainer:
             return self._evaluate(logger)
 
     def _evaluate(self, logger: RunLogger) -> dict[str, float]:
-        from mfrecipes import evaluate, generate, plots
+        from mfrecipes import evaluate, generate
         from mfrecipes.evaluate import exact
 
         ev = self.recipe.eval
         net = self.ema.module()
-        out_dir = os.path.join(self.run_dir, "samples")
+        out_dir = layout.samples_dir(self.run_dir)
         os.makedirs(out_dir, exist_ok=True)
         record: dict[str, float] = {}
         for nfe in ev.nfe:
@@ -350,28 +341,17 @@ class Trainer:
                                      labels="balanced")
             x = x.float().cpu()
             stem = os.path.join(out_dir, f"nfe{nfe}-img{self.images:012d}.png")
-            title = self._picture_title(nfe)
             k = self.info.num_classes
             g = ev.grid_size if not k else max(k, ev.grid_size // k * k)  # whole class rows
-            if self.info.modality == "points":
-                plots.save_scatter(x, stem, reference=self.dataset.reference(n, ev.seed),
-                                   title=title, labels=None if y is None else y.cpu())
-            elif self.info.modality == "image":
-                grid = plots.labelled_grid(
-                    x[:g], ncol=k or None, labels=None if not k else list(range(k)),
-                    title=title)
-                plots.save_png(grid, stem)  # one column per class
-                logger.image(f"samples/nfe{nfe}", grid, self.images)
-            elif self.info.modality == "latent":
-                self._save_latent_grid(x[:g], stem, logger, nfe=nfe)
+            self._save_samples(x, y, stem, logger, nfe=nfe, n=n, grid_size=g)
             quality = evaluate.quality(self.dataset, x[:ev.num_samples],
-                                       cache_dir=rbuild.default_cache_dir(self.recipe),
+                                       cache_dir=default_cache_dir(self.recipe),
                                        seed=ev.seed)
             for k, v in quality.items():
                 record[f"eval/nfe{nfe}/{k}"] = float(v)
         if exact.applies(self.dataset):  # the test bed: noise-free metrics vs the exact flow
             record.update({f"eval/exact/{k}": v for k, v in exact.run_exact(
-                net, self.dataset, self.objective, cache_dir=rbuild.default_cache_dir(self.recipe),
+                net, self.dataset, self.objective, cache_dir=default_cache_dir(self.recipe),
                 device=self.device).items()})
         logger.log({"images": self.images, "step": self.step, **record})
         return record
@@ -381,29 +361,36 @@ class Trainer:
         return (f"{self.recipe.run.name} | {nfe}-NFE | {self.images:,} images | "
                 f"EMA {next(iter(self.ema.shadows), 'none')}")
 
-    def _save_latent_grid(self, z: torch.Tensor, path: str, logger: RunLogger, *,
-                          nfe: int = 1) -> None:
-        """Decode latents through the dataset's VAE for the grid (titled, one column per
-        class as the image grids); without a VAE, say so once."""
+    def _save_samples(self, x: torch.Tensor, y, path: str, logger: RunLogger, *, nfe: int,
+                      n: int, grid_size: int) -> None:
+        """The picture of one evaluation (``plots.save_samples``: scatter, or a titled grid with
+        one column per class, latents decoded through the dataset's VAE); a latent run without
+        a VAE says so once and gets no grids."""
         from mfrecipes import plots
         from mfrecipes.data.vae import decode_latents
         from mfrecipes.errors import DataError
 
-        if getattr(self, "_vae_missing", False):
+        modality = self.info.modality
+        if modality == "latent" and getattr(self, "_vae_missing", False):
             return
+        points = modality == "points"
         try:
-            images = decode_latents(z, self.info, device=self.device)
+            grid = plots.save_samples(
+                x if points else x[:grid_size], path, modality=modality,
+                title=self._picture_title(nfe),
+                labels=y.cpu() if points and y is not None else None,
+                reference=self.dataset.reference(n, self.recipe.eval.seed) if points else None,
+                class_columns=self.info.num_classes or None,
+                decode=lambda z: decode_latents(z, self.info, device=self.device))
         except DataError as err:
+            if modality != "latent":
+                raise
             self._vae_missing = True
             logger.warning(f"no sample grids for this latent run: {err}", images=self.images,
                            step=self.step)
             return
-        k = self.info.num_classes
-        grid = plots.labelled_grid(images, ncol=k or None,
-                                   labels=None if not k else list(range(k)),
-                                   title=self._picture_title(nfe))
-        plots.save_png(grid, path)
-        logger.image(f"samples/nfe{nfe}", grid, self.images)
+        if grid is not None:
+            logger.image(f"samples/nfe{nfe}", grid, self.images)
 
     # -- the loop -------------------------------------------------------------------------------
     def _lock(self) -> None:

@@ -1,9 +1,12 @@
-"""The run directory: what ran (resolved recipe, plugins, environment), who writes it (one
-process at a time, by an OS lock), what may differ on resume, and the resume history.
+"""The run directory's records: what ran (resolved recipe, plugins, environment), who writes it
+(one process at a time, by an OS lock), what may differ on resume, and the resume history.
+The file names are ``mfrecipes.run.layout``'s.
 
-Every record passes through one redaction (``mfrecipes.data.remote.redact_recipe``): a value
-under a secret-looking key (key, secret, token, password, session, credentials...) at any depth,
-in the recipe and in the command line, is written as ``***``.
+Every record passes through one redaction (``redact_recipe``, ``redact``, ``scrub``: they are
+implemented with the storage options in ``mfrecipes.data.remote`` and reach the run directory
+through this module, with ``redact_argv`` for the command line): a value under a secret-looking
+key (key, secret, token, password, session, credentials...) at any depth, in the recipe and in
+the command line, is written as ``***``.
 """
 from __future__ import annotations
 
@@ -18,12 +21,11 @@ import sys
 from typing import Any
 
 from mfrecipes import __version__, plugins
+from mfrecipes.data.remote import (REDACTED, drop_redacted, is_secret_key,  # noqa: F401
+                                   redact, redact_recipe, scrub)
 from mfrecipes.recipe.load import dump_yaml
-from mfrecipes.train.checkpoint import atomic_write_text
+from mfrecipes.run.layout import ENV, HISTORY, LOCK, PLUGINS, RESOLVED, atomic_write_text
 
-RESOLVED = "recipe.resolved.yaml"
-HISTORY = "history.jsonl"
-LOCK = ".lock"
 # Keys that may differ when a run is resumed; anything else is refused with its key path.
 # The image budget and the cadences of logging, checkpoints and evaluation do not touch the
 # training math (evaluation never draws from the training generators); the engine, ZeRO stage,
@@ -52,8 +54,6 @@ def _redact_arg(arg: str) -> str:
     """An override with its secret values hidden: the value of a secret-looking key path, and
     secret keys inside a whole-block value (``data.params={storage_options: {key: K}}``)."""
     import yaml
-
-    from mfrecipes.data.remote import REDACTED, is_secret_key, redact_recipe, scrub
 
     key, eq, raw = arg.partition("=")
     if not eq or key.startswith("-") or not key:
@@ -111,7 +111,6 @@ def environment(world_size: int = 1, device: str = "cpu") -> dict:
 
 def write_run_records(run_dir: str, resolved: dict, *, world_size: int, device: str) -> None:
     os.makedirs(run_dir, exist_ok=True)
-    from mfrecipes.data.remote import redact_recipe
     from mfrecipes.recipe.build import with_component_defaults
 
     # Every component parameter is written with its value, defaults included: the record keeps
@@ -120,11 +119,11 @@ def write_run_records(run_dir: str, resolved: dict, *, world_size: int, device: 
 
     # Credentials given in a recipe or an override never reach the disk.
     atomic_write_text(os.path.join(run_dir, RESOLVED), dump_yaml(redact_recipe(resolved)))
-    atomic_write_text(os.path.join(run_dir, "plugins.json"), json.dumps({
+    atomic_write_text(os.path.join(run_dir, PLUGINS), json.dumps({
         "entry_points": [p.as_dict() for p in plugins.all_plugins()],
         "imports": plugins.imported_modules(),
     }, indent=1))
-    atomic_write_text(os.path.join(run_dir, "env.json"),
+    atomic_write_text(os.path.join(run_dir, ENV),
                       json.dumps(environment(world_size, device), indent=1))
 
 
@@ -200,9 +199,7 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 def resume_changes(old: dict, new: dict) -> dict[str, dict]:
     """``{key path: {"from": old, "to": new}}`` between two (redacted) recipe mappings; raises
     a ``RecipeError`` naming every path that may not change on resume."""
-    from mfrecipes.data.remote import REDACTED, redact_recipe
     from mfrecipes.errors import RecipeError
-
     from mfrecipes.recipe.build import with_component_defaults
 
     # A recorded default equals an omitted one (older runs recorded only what was written).
@@ -236,7 +233,6 @@ def load_for_resume(run_dir: str, overrides: list[str]):
     (``AWS_ACCESS_KEY_ID``..., fsspec's defaults) or with the same override given again
     (``data.params.storage_options.key=K``); the third value lists the dropped key paths that no
     override gave back (for ``credentials_hint``)."""
-    from mfrecipes.data.remote import drop_redacted
     from mfrecipes.recipe.load import apply_overrides, check_size, load_raw
     from mfrecipes.recipe.schema import Recipe
 
@@ -280,8 +276,6 @@ def previous_recipe(run_dir: str) -> dict | None:
 
 def append_history(run_dir: str, entry: dict) -> None:
     """One line per start or resume: time, images, what changed, who (redacted)."""
-    from mfrecipes.data.remote import redact
-
     line = json.dumps(redact({"time": _now(), **entry, "who": who(),
                               "argv": redact_argv(sys.argv)}), default=str)
     with open(os.path.join(run_dir, HISTORY), "a", encoding="utf-8") as f:
