@@ -59,7 +59,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from mfrecipes.errors import CheckpointError, RecipeError, TrainingError
+from mfrecipes.errors import RecipeError, TrainingError
 from mfrecipes.recipe.schema import Recipe, TrainCfg
 from mfrecipes.train.engine import Engine
 
