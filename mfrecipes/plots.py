@@ -228,15 +228,44 @@ def save_samples(x: torch.Tensor, path: PathLike, *, modality: str, title: str,
 
 def save_curves(curves: Sequence[tuple[str, Sequence[float], Sequence[float]]], path: PathLike, *,
                 xlabel: str = "images seen", ylabel: str = "metric", title: Optional[str] = None,
-                logy: bool = False) -> Path:
+                logy: bool = False,
+                spreads: Optional[Sequence[Optional[Sequence[float]]]] = None) -> Path:
     """Plot ``curves`` = ``[(label, xs, ys), ...]`` (e.g. FID against images seen, one curve per
-    recipe) on one set of axes and write a PNG."""
+    recipe) on one set of axes and write a PNG. ``spreads[i]`` (one value per point, e.g. the
+    standard deviation over seeds; None for a single run) is drawn as a band around curve i."""
     fig = _new_figure((6, 4))
     ax = fig.add_subplot(1, 1, 1)
-    for label, xs, ys in curves:
-        ax.plot(list(xs), list(ys), marker="o", markersize=3, label=label)
+    for i, (label, xs, ys) in enumerate(curves):
+        line, = ax.plot(list(xs), list(ys), marker="o", markersize=3, label=label)
+        sd = spreads[i] if spreads is not None and i < len(spreads) else None
+        if sd is not None and len(sd) == len(ys):
+            lo = [y - d for y, d in zip(ys, sd)]
+            if logy:  # a band below zero cannot be drawn on a log axis
+                lo = [max(a, y * 0.05) for a, y in zip(lo, ys)]
+            ax.fill_between(list(xs), lo, [y + d for y, d in zip(ys, sd)],
+                            color=line.get_color(), alpha=0.18, linewidth=0)
     return _finish_axes(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title, logy=logy,
                         entries=len(curves))
+
+
+def _minor_label(v: float, _pos=None) -> str:
+    """Minor log ticks: only 2 and 5 times a power of ten are labelled (no crowding near 1)."""
+    import math
+
+    if v <= 0:
+        return ""
+    lead = round(v / 10 ** math.floor(math.log10(v) + 1e-9), 6)
+    return plain_number(v) if lead in (2.0, 5.0) else ""
+
+
+def plain_number(v: float, _pos=None) -> str:
+    """A tick label without scientific notation: 40k, 1.2M, 0.25, 3."""
+    a = abs(v)
+    if a >= 1e6:
+        return f"{v / 1e6:g}M"
+    if a >= 1e4:
+        return f"{v / 1e3:g}k"
+    return f"{v:g}"
 
 
 def _finish_axes(fig, ax, path: PathLike, *, xlabel: str, ylabel: str, title: Optional[str],
@@ -244,10 +273,20 @@ def _finish_axes(fig, ax, path: PathLike, *, xlabel: str, ylabel: str, title: Op
     """Labels, scale, title, legend and grid of a line plot, then write the PNG. The legend sits
     inside the axes for a few entries, beside them (outside) for many, where an inside legend
     would cover the data."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_formatter(FuncFormatter(plain_number))  # 40k, not 4e4 with an offset
     if logy:
         ax.set_yscale("log")
+        lo, hi = ax.get_ylim()
+        # plain labels; on a short log range the minor ticks carry them (0.2, 0.3, ...)
+        ax.yaxis.set_major_formatter(FuncFormatter(plain_number))
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label) if lo > 0 and hi / lo < 30
+                                     else NullFormatter())
+    else:
+        ax.yaxis.set_major_formatter(FuncFormatter(plain_number))
     if title:
         ax.set_title(title)
     if entries > 8:

@@ -176,3 +176,30 @@ def test_tool_without_metric_picks_one_the_runs_have(runs, tmp_path, capsys):
     assert tool.main([bare]) == 2
     err = capsys.readouterr().err
     assert "pass --metric, one of: loss" in err
+
+
+def test_grouped_curves_carry_the_seed_spread_and_plain_ticks(runs, tmp_path, monkeypatch):
+    """The band around a grouped curve is the seeds' standard deviation at each point, and the
+    axes use plain tick labels (40k, 0.2), not an exponent offset."""
+    from mfrecipes import plots
+    from mfrecipes.plots import _minor_label, plain_number
+
+    cmp = compare(runs, M, group_seeds=True)
+    i = next(k for k, c in enumerate(cmp.curves) if "logit_normal" in c[0])
+    assert cmp.spreads[i] == pytest.approx((statistics.stdev([30.0, 28.0]),
+                                            statistics.stdev([20.0, 24.0]),
+                                            statistics.stdev([22.0, 18.0])))
+    assert compare(runs[:1], M, group_seeds=True).spreads == (None,)
+    bands = []
+    real_finish = plots._finish_axes
+
+    def spy(fig, ax, path, **kw):
+        bands.extend(c for c in ax.collections)   # fill_between adds one collection per band
+        return real_finish(fig, ax, path, **kw)
+
+    monkeypatch.setattr(plots, "_finish_axes", spy)
+    cmp.plot(str(tmp_path / "c.png"), logy=True)
+    assert len(bands) == 2 and (tmp_path / "c.png").stat().st_size > 0
+    assert [plain_number(v) for v in (40_000, 1_200_000, 0.25, 3.0, 500)] == \
+        ["40k", "1.2M", "0.25", "3", "500"]
+    assert [_minor_label(v) for v in (0.2, 0.3, 0.5, 0.9, 20.0)] == ["0.2", "", "0.5", "", "20"]

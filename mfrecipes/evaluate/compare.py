@@ -137,6 +137,8 @@ class Comparison:
     keys: tuple[str, ...]
     rows: tuple[dict, ...] = attrs.field(repr=False)
     curves: tuple[tuple[str, tuple, tuple], ...] = attrs.field(repr=False)
+    # per curve: the standard deviation over seeds at each point (None: a single run)
+    spreads: tuple = attrs.field(default=(), repr=False)
 
     @property
     def columns(self) -> list[str]:
@@ -196,7 +198,7 @@ class Comparison:
         from mfrecipes.plots import save_curves
 
         return str(save_curves(list(self.curves), path, xlabel="images seen", ylabel=self.metric,
-                               title=self.metric, logy=logy))
+                               title=self.metric, logy=logy, spreads=list(self.spreads) or None))
 
 
 def _short_keys(keys: Sequence[str]) -> dict[str, str]:
@@ -277,7 +279,7 @@ def compare(run_dirs: Sequence[str], metric: str, *, threshold: Optional[float] 
             else (r.run_dir,)
         groups.setdefault(ident, []).append(r)
     best_fn = min if lower else max
-    rows, curves = [], []
+    rows, curves, spreads = [], [], []
     for members in groups.values():
         first = members[0]
         row: dict[str, Any] = {k: _show(first.recipe.get(k, "<unset>")) for k in keys}
@@ -308,5 +310,7 @@ def compare(run_dirs: Sequence[str], metric: str, *, threshold: Optional[float] 
             if with_pts else []
         ys = [statistics.fmean(dict(m.points)[i] for m in with_pts) for i in common]
         curves.append((_curve_label(row, keys), tuple(common), tuple(ys)))
+        spreads.append(tuple(statistics.stdev(dict(m.points)[i] for m in with_pts)
+                             for i in common) if len(with_pts) > 1 else None)
     return Comparison(metric=metric, lower=lower, threshold=threshold, keys=tuple(keys),
-                      rows=tuple(rows), curves=tuple(curves))
+                      rows=tuple(rows), curves=tuple(curves), spreads=tuple(spreads))
