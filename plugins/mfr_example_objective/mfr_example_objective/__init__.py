@@ -1,0 +1,1 @@
+"""Example mfrecipes plugin package (the objective lives in ``objective``)."""
