@@ -584,10 +584,13 @@ def test_bad_params(params, match):
         MeanFlow(num_classes=NUM_CLASSES, **params)
 
 
-@pytest.mark.parametrize("params", [{"omega": 2.0}, {"kappa": 0.5}, {"class_dropout": 0.1}])
+@pytest.mark.parametrize("params", [{"omega": 2.0}, {"omega": 0.0}, {"kappa": 0.5},
+                                    {"class_dropout": 0.1}])
 def test_guidance_needs_a_conditional_model(params):
-    with pytest.raises(ValueError, match="class-conditional"):
+    (key, value), = params.items()
+    with pytest.raises(ValueError, match="class-conditional") as err:
         MeanFlow(**params)
+    assert str(err.value).startswith(f"{key}={value!r} need")   # the value, not True
     with pytest.raises(RecipeError, match="class-conditional") as info:
         OBJECTIVES.build({"name": "meanflow", "params": params}, where="objective",
                          num_classes=None)

@@ -105,9 +105,10 @@ def apply_class_dropout(y: Optional[torch.Tensor], p: float, num_classes: Option
     return torch.where(dropped, torch.full_like(y, num_classes), y), dropped
 
 
-def check_guidance_needs_labels(num_classes: Optional[int], **settings: float) -> None:
-    """Guidance and class dropout need the null label ``num_classes`` (absent if unconditional)."""
-    active = {k: v for k, v in settings.items() if v}
+def check_guidance_needs_labels(num_classes: Optional[int], **settings: tuple) -> None:
+    """Guidance and class dropout need the null label ``num_classes`` (absent if unconditional).
+    ``settings`` maps each parameter to ``(value, its no-guidance default)``."""
+    active = {k: v for k, (v, default) in settings.items() if v != default}
     if num_classes is None and active:
         names = ", ".join(f"{k}={v!r}" for k, v in active.items())
         raise ValueError(

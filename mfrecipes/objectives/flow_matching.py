@@ -40,7 +40,7 @@ class FlowMatching:
 
     def __attrs_post_init__(self) -> None:
         check_probability("class_dropout", self.class_dropout)
-        check_guidance_needs_labels(self.num_classes, class_dropout=self.class_dropout)
+        check_guidance_needs_labels(self.num_classes, class_dropout=(self.class_dropout, 0.0))
 
     def __call__(self, net, x: torch.Tensor, y: Optional[torch.Tensor], t: torch.Tensor,
                  r: torch.Tensor, noise: torch.Tensor, *, progress: float, ema_net=None,

@@ -60,8 +60,9 @@ class Guidance:
         return self.kappa > 0
 
     def check_labels(self, num_classes: Optional[int]) -> None:
-        check_guidance_needs_labels(num_classes, omega=self.omega != 1.0, kappa=self.kappa,
-                                    class_dropout=self.class_dropout)
+        check_guidance_needs_labels(num_classes, omega=(self.omega, 1.0),
+                                    kappa=(self.kappa, 0.0),
+                                    class_dropout=(self.class_dropout, 0.0))
 
     def mask(self, t: torch.Tensor, y: Optional[torch.Tensor],
              dropped: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
