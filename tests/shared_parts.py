@@ -53,3 +53,27 @@ train: {total_images: 1280, global_batch_size: 64, lr: 1.0e-3, ema_decays: [0.9,
         log_every_images: 320, checkpoint_every_images: 640, progress_bar: false}
 eval: {at_end: false}
 """
+
+
+def install_plugin(package_dir: str, site: str) -> str:
+    """``pip install`` an example plugin package into the private folder ``site``."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(site), package_dir], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return str(site)
+
+
+def run_mfr(args, site: str, cwd: str, **env):
+    """The CLI in a subprocess with ``site`` (an installed plugin) first on PYTHONPATH."""
+    import os
+    import subprocess
+    import sys
+
+    full = dict(os.environ, PYTHONPATH=site + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                **env)
+    return subprocess.run([sys.executable, "-m", "mfrecipes.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, env=full)

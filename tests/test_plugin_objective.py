@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from conftest import REPO
 from mfrecipes.errors import RecipeError
 from mfrecipes.registry import OBJECTIVES
-from shared_parts import TOY_RECIPE, TimeNet
+from shared_parts import TOY_RECIPE, TimeNet, install_plugin, run_mfr
 
 PLUGIN = os.path.join(REPO, "plugins", "mfr_example_objective")
 NAME = "meanflow_clipped"
@@ -96,19 +95,11 @@ def test_bad_parameters_are_one_clear_error(clipped):
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory):
     """``pip install`` the example plugin into a private folder put on PYTHONPATH."""
-    site = tmp_path_factory.mktemp("objective-site")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(site), PLUGIN], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return str(site)
+    return install_plugin(PLUGIN, tmp_path_factory.mktemp("objective-site"))
 
 
 def mfr(args, site, **env):
-    full = dict(os.environ, PYTHONPATH=site + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                **env)
-    return subprocess.run([sys.executable, "-m", "mfrecipes.cli", *args], capture_output=True,
-                          text=True, cwd=REPO, env=full)
+    return run_mfr(args, site, REPO, **env)
 
 
 def test_listed_with_origin_and_passes_its_checks(plugin_site):

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from conftest import REPO
+from shared_parts import install_plugin, run_mfr
 
 PLUGIN = os.path.join(REPO, "plugins", "mfr_example_sampler")
 
@@ -16,19 +15,11 @@ PLUGIN = os.path.join(REPO, "plugins", "mfr_example_sampler")
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory):
     """``pip install`` the example plugin into a private folder put on PYTHONPATH."""
-    site = tmp_path_factory.mktemp("plugin-site")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(site), PLUGIN], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return str(site)
+    return install_plugin(PLUGIN, tmp_path_factory.mktemp("plugin-site"))
 
 
 def mfr(args, site, **env):
-    full = dict(os.environ, PYTHONPATH=site + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                **env)
-    return subprocess.run([sys.executable, "-m", "mfrecipes.cli", *args], capture_output=True,
-                          text=True, cwd=REPO, env=full)
+    return run_mfr(args, site, REPO, **env)
 
 
 def test_plugin_discovered_with_provenance(plugin_site):
