@@ -386,7 +386,8 @@ def is_complete(job: Job) -> bool:
 
     folder = latest_checkpoint(layout.checkpoints_dir(job.run_dir))
     if folder is None:
-        return False
+        # a run restored from a record has no weights: finished training, nothing to evaluate
+        return job.kind == "train" and is_recorded(job.run_dir)
     images = int(load_meta(folder).get("images", 0))
     if job.kind == "train":
         return images >= total_images(job)
@@ -403,6 +404,164 @@ def is_complete(job: Job) -> bool:
             if rec.get("images") == images:
                 seen.update(rec)
     return set(job.wants) <= seen
+
+
+# ----------------------------------------------------------------------------- run records
+RECORDS = "_runs.json"        # OUT/<group>_runs.json: every finished training run of the group
+RECORDED = "recorded.json"    # in a run directory restored from a record (it has no weights)
+
+
+def run_key(job: Job, out: str) -> str:
+    """A run's name in the records: its folder under OUT, e.g. ``tb_table3/meanflow-s0``."""
+    return os.path.relpath(job.run_dir, out).replace(os.sep, "/")
+
+
+def _plain(x):
+    return json.loads(json.dumps(x))
+
+
+def expected_recipe(job: Job) -> dict:
+    """The resolved recipe ``mfr run`` would write for ``job`` (defaults filled, redacted)."""
+    from mfrecipes import plugins
+    from mfrecipes.data.remote import redact_recipe
+    from mfrecipes.recipe import load_recipe
+    from mfrecipes.recipe.build import with_component_defaults
+
+    plugins.load_components()
+    _, resolved = load_recipe(job.recipe, list(job.overrides))
+    return _plain(redact_recipe(with_component_defaults(resolved)))
+
+
+def _evaluations(run_dir: str) -> list[dict]:
+    """The evaluation records of a run: its ``eval/...`` lines of metrics.jsonl and eval.jsonl."""
+    from mfrecipes.run import layout
+
+    out = [r for r in layout.read_jsonl(os.path.join(run_dir, layout.METRICS))
+           if any(k.startswith("eval/") for k in r)]
+    return out + layout.read_jsonl(os.path.join(run_dir, layout.EVAL))
+
+
+def _provenance(run_dir: str) -> dict:
+    from mfrecipes.run import layout
+
+    marker = os.path.join(run_dir, RECORDED)
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as f:
+            return json.load(f).get("provenance", {})
+    env = {}
+    if os.path.isfile(os.path.join(run_dir, layout.ENV)):
+        with open(os.path.join(run_dir, layout.ENV), encoding="utf-8") as f:
+            env = json.load(f)
+    return {k: env[k] for k in ("git_commit", "torch", "python", "device") if k in env}
+
+
+def write_records(group: str, jobs: list[Job], out: str) -> Optional[str]:
+    """OUT/<group>_runs.json: for every finished training run of ``jobs``, its resolved recipe,
+    its evaluation records and where it came from. Committed beside a report, it lets a fresh
+    checkout rebuild the report, and later runs of the study skip those runs (``--records``)."""
+    from mfrecipes.recipe.load import read_yaml
+    from mfrecipes.run import layout
+
+    recs = {}
+    for j in jobs:
+        if j.kind != "train" or not os.path.isfile(os.path.join(j.run_dir, layout.RESOLVED)) \
+                or not _trained(j):
+            continue
+        recs[run_key(j, out)] = {"recipe": _plain(read_yaml(os.path.join(j.run_dir,
+                                                                          layout.RESOLVED))),
+                                 "evaluations": _evaluations(j.run_dir),
+                                 "provenance": _provenance(j.run_dir)}
+    if not recs:
+        return None
+    path = os.path.join(out, group + RECORDS)
+    layout.atomic_write_text(path, json.dumps(dict(sorted(recs.items())), indent=1) + "\n")
+    return path
+
+
+class RecordsError(ValueError):
+    pass
+
+
+def read_records(folder: str) -> dict[str, tuple[str, dict]]:
+    """``{run key: (file, record)}`` from every ``*_runs.json`` in ``folder`` (first file wins)."""
+    if not os.path.isdir(folder):
+        raise RecordsError(f"--records {folder!r}: not a folder (expected the folder that holds "
+                           f"the <group>{RECORDS} files, such as recipes/reproduction/testbed)")
+    index: dict[str, tuple[str, dict]] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*" + RECORDS))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RecordsError(f"{path}: not a readable records file ({err})") from None
+        bad = [k for k, v in data.items() if not isinstance(v, dict)
+               or not isinstance(v.get("recipe"), dict)
+               or not isinstance(v.get("evaluations"), list)] if isinstance(data, dict) else [0]
+        if bad:
+            raise RecordsError(f"{path}: expected {{run key: {{recipe: mapping, evaluations: "
+                               f"list, ...}}}}; {'the file' if bad == [0] else repr(bad[0])} "
+                               "is not")
+        for k, v in data.items():
+            index.setdefault(k, (path, v))
+    return index
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        x, y = a.get(k, "<unset>"), b.get(k, "<unset>")
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def restore_recorded(jobs: list[Job], index: dict[str, tuple[str, dict]], out: str, *,
+                     dry: bool = False) -> tuple[list[str], list[str]]:
+    """Turn each training job that has not run yet, whose record's resolved recipe is the one it
+    would run, into a record-only run directory (resolved recipe, eval.jsonl, ``recorded.json``)
+    that counts as finished. Runs another job reads (an evaluation, an initialisation) need their
+    weights and are trained; so is a run whose folder already holds anything (it resumes).
+    Returns the keys restored (with ``dry``: that would be; nothing is written) and one line
+    per recorded run that is trained instead, with the reason."""
+    from mfrecipes.recipe.load import dump_yaml
+    from mfrecipes.run import layout
+
+    readers = {d for j in jobs for d in j.after} | {j.run_dir for j in jobs if j.kind != "train"}
+    restored, notes = [], []
+    for j in {j.run_dir: j for j in jobs if j.kind == "train"}.values():
+        key = run_key(j, out)
+        if key not in index or is_complete(j):
+            continue
+        path, rec = index[key]
+        if j.run_dir in readers:
+            notes.append(f"{key}: recorded in {path}, but another job reads its weights: trained")
+            continue
+        if os.path.isdir(j.run_dir) and os.listdir(j.run_dir):
+            notes.append(f"{key}: its folder is not empty: resumed, not restored")
+            continue
+        diff = _differences(rec["recipe"], expected_recipe(j))
+        if diff:
+            notes.append(f"{key}: the record in {path} ran another recipe ({', '.join(diff[:5])}"
+                         f"{' ...' if len(diff) > 5 else ''} differ): trained")
+            continue
+        restored.append(key)
+        if dry:
+            continue
+        os.makedirs(j.run_dir, exist_ok=True)
+        layout.atomic_write_text(os.path.join(j.run_dir, layout.RESOLVED), dump_yaml(rec["recipe"]))
+        layout.atomic_write_text(os.path.join(j.run_dir, layout.EVAL), "".join(
+            json.dumps(e) + "\n" for e in rec["evaluations"]))
+        layout.atomic_write_text(os.path.join(j.run_dir, RECORDED), json.dumps(
+            {"source": os.path.basename(path), "provenance": rec.get("provenance", {})},
+            indent=1))
+    return restored, notes
+
+
+def is_recorded(run_dir: str) -> bool:
+    return os.path.isfile(os.path.join(run_dir, RECORDED))
 
 
 def command(job: Job) -> list[str]:
@@ -515,6 +674,11 @@ def report_testbed(group: str, jobs: list[Job], out: str,
     if gate.analysis is None and not analyses and not left_out and not any(
             _arms(jobs, st)[0] for st in STUDIES[group]):
         return None       # nothing of this group (nor of the controls) has run yet
+    from_records = sorted({os.path.basename(j.run_dir) for j in jobs + controls_jobs
+                           if j.kind == "train" and is_recorded(j.run_dir)})
+    if from_records:
+        lines.append(f"Read from the committed run records ({RECORDED} in the run folder), not "
+                     f"trained here: {', '.join(from_records)}\n")
     if left_out:
         lines.append("Not finished, left out: "
                      + ", ".join(os.path.basename(d) for d in left_out) + "\n")
@@ -616,11 +780,13 @@ def log_path(job: Job, out: str) -> str:
 class Scheduler:
     """Runs jobs, at most ``width`` at once, each after the jobs it reads have succeeded."""
 
-    def __init__(self, jobs: list[Job], *, width: int, out: str, on_group_done):
+    def __init__(self, jobs: list[Job], *, width: int, out: str, on_group_done,
+                 on_job_done=None):
         self.pending = list(jobs)
         self.width = max(1, width)
         self.out = out
         self.on_group_done = on_group_done
+        self.on_job_done = on_job_done
         self.running: dict[subprocess.Popen, Job] = {}
         self.failed: list[str] = []
         self.groups_left = {j.group: sum(k.group == j.group for k in jobs) for j in jobs}
@@ -656,8 +822,11 @@ class Scheduler:
         if rc != 0:
             self.failed.append(job.run_dir)
             print(f"  failed (exit {rc}): {job.run_dir}", file=sys.stderr, flush=True)
-        elif self.width > 1:
-            print(f"  [done] {job.run_dir}", flush=True)
+        else:
+            if self.width > 1:
+                print(f"  [done] {job.run_dir}", flush=True)
+            if self.on_job_done is not None:
+                self.on_job_done(job)
         self._group_step(job.group)
 
     def _group_step(self, group: str) -> None:
@@ -733,10 +902,16 @@ def main(argv=None) -> int:
                    help="comma-separated globs over GROUP/NAME; only matching jobs")
     p.add_argument("--jobs", type=int, default=1, help="jobs at once (default 1)")
     p.add_argument("--full", action="store_true", help="cv_sweep: the recipes' full budget")
+    p.add_argument("--records", metavar="DIR",
+                   help="a folder of <group>_runs.json files (as this tool writes them to OUT, "
+                        "e.g. recipes/reproduction/testbed): a run not yet in OUT whose record "
+                        "ran the same resolved recipe is restored from it instead of trained")
     p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing; write each group's report from the runs already there")
     args = p.parse_args(argv)
+    from mfrecipes.errors import MfrError
+
     groups = [g.strip() for g in args.only.split(",") if g.strip()] if args.only \
         else list(DIGITS_GROUPS)
     groups = list(dict.fromkeys(x for g in groups
@@ -759,19 +934,37 @@ def main(argv=None) -> int:
         print(f"error: --only {','.join(unknown)}: unknown group; valid: {', '.join(GROUPS)}",
               file=sys.stderr)
         return 2
+    plans = {g: [j for j in plan(g, recipes=args.recipes, out=args.out, seeds=seeds,
+                                 extra=tuple(args.set), full=args.full, scale=args.scale)
+                 if _selected(j, patterns)] for g in groups}
+    recorded: set[str] = set()
+    if args.records:
+        try:
+            index = read_records(args.records)
+            keys, notes = restore_recorded([j for js in plans.values() for j in js], index,
+                                           args.out, dry=args.dry_run or args.report_only)
+        except (RecordsError, MfrError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        recorded = set(keys)
+        print(f"records: {len(keys)} run(s) restored from {args.records}"
+              + (" (dry run: nothing written)" if args.dry_run or args.report_only else ""))
+        for line in notes:
+            print(f"  {line}")
     by_group: dict[str, list[Job]] = {}
     to_run: list[Job] = []
     planned: set[tuple] = set()
     shares: set[str] = set()   # groups with a job another group runs (reported at the end)
     for group in groups:
-        jobs = [j for j in plan(group, recipes=args.recipes, out=args.out, seeds=seeds,
-                                extra=tuple(args.set), full=args.full, scale=args.scale)
-                if _selected(j, patterns)]
+        jobs = plans[group]
         by_group[group] = jobs
         print(f"== {group}: {len(jobs)} job(s)")
         for job in jobs:
-            done = is_complete(job)
-            state = "done, skip" if done else "to run"
+            done = is_complete(job) or (job.kind == "train" and run_key(job, args.out)
+                                        in recorded)
+            state = ("recorded, skip" if is_recorded(job.run_dir)
+                     or run_key(job, args.out) in recorded else "done, skip") if done \
+                else "to run"
             print(f"  [{state}] {job.kind} {job.run_dir}\n      {shlex.join(command(job)[1:])}")
             ident = (job.kind, job.run_dir, job.eval_args)
             if ident in planned:
@@ -790,6 +983,8 @@ def main(argv=None) -> int:
                                extra=tuple(args.set), full=args.full, scale=args.scale)
         md = report(group, by_group[group], args.out,
                     controls_jobs=tb_controls if group in TB_GROUPS else None)
+        if not args.report_only:
+            write_records(group, by_group[group], args.out)
         if md:
             print(f"  report: {md}", flush=True)
 
@@ -798,7 +993,16 @@ def main(argv=None) -> int:
             group_done(group)
         return 0
 
-    failed = Scheduler(to_run, width=args.jobs, out=args.out, on_group_done=group_done).run()
+    # seed-major: a study cut short has every arm at its first seeds, not some arms at all
+    to_run.sort(key=lambda j: j.seed)
+
+    def job_done(job: Job) -> None:    # a study cut short keeps the record of every run done
+        for group in groups:
+            if any(j.run_dir == job.run_dir for j in by_group[group]):
+                write_records(group, by_group[group], args.out)
+
+    failed = Scheduler(to_run, width=args.jobs, out=args.out, on_group_done=group_done,
+                       on_job_done=job_done).run()
     for group in groups:   # groups with nothing left to run still get their report, and
         # groups that share a run with another group (written once that one has finished)
         if group in shares or not any(j.group == group for j in to_run):
