@@ -123,6 +123,29 @@ def test_one_tiny_group_runs_skips_and_reports(repro, tmp_path, capsys):
     assert "[done, skip]" in capsys.readouterr().out
     assert os.path.getmtime(run_dir / "metrics.jsonl") == mtime
 
+    # The run's record, written by the tool from what `mfr run` wrote, restores it in a fresh
+    # output folder: nothing is trained there and the report has the same rows.
+    records = json.loads((out / "table3_runs.json").read_text())
+    assert list(records) == ["table3/tiny-s0"]
+    rec = records["table3/tiny-s0"]
+    assert rec["recipe"]["run"]["seed"] == 0 and "git_commit" in rec["provenance"]
+    assert any("eval/nfe1/fd_digits" in e for e in rec["evaluations"])
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    (shelf / "table3_runs.json").write_text(json.dumps(records))
+    fresh = tmp_path / "fresh"
+    argv2 = ["--only", "table3", "--recipes", str(root), "--out", str(fresh), "--seeds", "0",
+             "--records", str(shelf)]
+    assert repro.main(argv2) == 0
+    text = capsys.readouterr().out
+    assert "1 run(s) restored" in text and "[recorded, skip]" in text and "[started]" not in text
+    restored = fresh / "table3" / "tiny-s0"
+    assert (restored / "recorded.json").is_file() and not (restored / "checkpoints").exists()
+
+    def every_run(md):
+        return md.split("## Every run")[1]
+    assert every_run((fresh / "table3.md").read_text()) == every_run(md)
+
 
 def test_scale_multiplies_every_image_count(repro):
     from mfrecipes.recipe import load_recipe
@@ -451,3 +474,53 @@ def test_testbed_report_of_nothing_writes_nothing(repro, tb_recipes, tmp_path):
     jobs = repro.plan("tb_fig3", recipes=tb_recipes, out=out, seeds=[0])
     assert repro.report("tb_fig3", jobs, out, controls_jobs=[]) is None
     assert not os.path.exists(out)
+
+
+def test_records_restore_only_the_same_recipe(repro, tmp_path, capsys):
+    """A record restores a run only when it ran the recipe the plan would run, only into an
+    empty folder and only when no other job needs the run's weights; a bad records file is one
+    clear error."""
+    root = tmp_path / "recipes"
+    (root / "digits" / "table3").mkdir(parents=True)
+    (root / "digits" / "table3" / "tiny.yaml").write_text(TINY)
+    out = str(tmp_path / "o")
+    (job,) = repro.plan("table3", recipes=str(root), out=out, seeds=[0])
+    recipe = repro.expected_recipe(job)
+    assert recipe["train"]["total_images"] == 128 and "params" in recipe["timestep_sampler"]
+    rec = {"recipe": recipe, "evaluations": [{"images": 128, "eval/nfe1/fd_digits": 3.0}]}
+    index = {"table3/tiny-s0": ("x_runs.json", rec)}
+    assert repro.restore_recorded([job], index, out, dry=True) == (["table3/tiny-s0"], [])
+    assert not os.path.exists(job.run_dir)                       # a dry run writes nothing
+    # another budget: the record ran another recipe, so the run is trained, and the key is named
+    (longer,) = repro.plan("table3", recipes=str(root), out=out, seeds=[0],
+                           extra=("train.total_images=256",))
+    keys, notes = repro.restore_recorded([longer], index, out)
+    assert keys == [] and "train.total_images" in notes[0] and not os.path.exists(job.run_dir)
+    # a job that reads the run (an evaluation) needs its weights: trained
+    reader = repro.Job("table5", "tiny", job.recipe, job.run_dir, 0, kind="eval",
+                       after=(job.run_dir,))
+    keys, notes = repro.restore_recorded([job, reader], index, out)
+    assert keys == [] and "reads its weights" in notes[0]
+    # an interrupted run resumes rather than being replaced
+    os.makedirs(job.run_dir)
+    open(os.path.join(job.run_dir, "metrics.jsonl"), "w").close()
+    keys, notes = repro.restore_recorded([job], index, out)
+    assert keys == [] and "not empty" in notes[0]
+    os.remove(os.path.join(job.run_dir, "metrics.jsonl"))
+    assert repro.restore_recorded([job], index, out) == (["table3/tiny-s0"], [])
+    assert repro.is_complete(job) and repro.is_recorded(job.run_dir)
+    from mfrecipes.evaluate.compare import load_run_curve
+
+    assert load_run_curve(job.run_dir, "eval/nfe1/fd_digits").points == ((128, 3.0),)
+
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    argv = ["--only", "table3", "--recipes", str(root), "--out", str(tmp_path / "p"),
+            "--records", str(shelf), "--dry-run"]
+    for text in ("{not json", json.dumps({"table3/tiny-s0": {"recipe": 1}}), "[1, 2]"):
+        (shelf / "table3_runs.json").write_text(text)
+        assert repro.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "table3_runs.json" in err and err.count("\n") == 1
+    assert repro.main(argv[:-3] + ["--records", str(tmp_path / "nowhere"), "--dry-run"]) == 2
+    assert "not a folder" in capsys.readouterr().err
