@@ -173,7 +173,7 @@ def _env_world_size() -> int:
 
 
 def cmd_check(args) -> int:
-    from mfrecipes.recipe.build import check_recipe, check_world_size
+    from mfrecipes.build import check_recipe, check_world_size
 
     import warnings
 
@@ -193,7 +193,7 @@ def cmd_check(args) -> int:
 
 
 def _one_line(comp) -> str:
-    from mfrecipes.recipe.build import describe
+    from mfrecipes.build import describe
 
     text = describe(comp)
     return text if len(text) < 160 else text[:157] + "..."
@@ -201,7 +201,7 @@ def _one_line(comp) -> str:
 
 def cmd_show(args) -> int:
     from mfrecipes.recipe import dump_yaml
-    from mfrecipes.recipe.build import load_imports, with_component_defaults
+    from mfrecipes.build import load_imports, with_component_defaults
     from mfrecipes.run.records import redact_recipe
 
     recipe, data, _ = _resolve_recipe_arg(args.recipe, args.overrides)
@@ -211,7 +211,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from mfrecipes.recipe.build import check_recipe, check_world_size
+    from mfrecipes.build import check_recipe, check_world_size
     from mfrecipes.run import records as rundir
     from mfrecipes.train.loop import train
 

@@ -130,7 +130,7 @@ def test_bad_params_are_recipe_errors():
     import os
 
     from mfrecipes.recipe import load_recipe
-    from mfrecipes.recipe.build import check_recipe
+    from mfrecipes.build import check_recipe
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     recipe, _ = load_recipe(os.path.join(repo, "recipes", "cifar10", "meanflow.yaml"),

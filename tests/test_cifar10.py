@@ -129,7 +129,7 @@ NAMES = ("meanflow", "meanflow_v0", "flow_matching", "dmf", "dmf_dagger")
 @pytest.mark.parametrize("name", NAMES)
 def test_full_recipes_check(name):
     from mfrecipes.recipe import load_recipe
-    from mfrecipes.recipe.build import check_recipe
+    from mfrecipes.build import check_recipe
 
     recipe, _ = load_recipe(os.path.join(RECIPES, f"{name}.yaml"))
     check_recipe(recipe)

@@ -137,7 +137,7 @@ def run_case(name: str, muts: list[str], tmp: Path, *, check_s: float = 20,
 
     from mfrecipes.errors import MfrError
     from mfrecipes.recipe import load_recipe
-    from mfrecipes.recipe.build import check_recipe
+    from mfrecipes.build import check_recipe
     from mfrecipes.train.loop import train
 
     path, base = BASES[name]

@@ -3,10 +3,10 @@
 Read from the source with ``ast`` (nothing is imported): every ``import`` and ``from ... import``
 of a module, at any depth (imports inside functions count too).
 
-- ``recipe/`` never imports ``train/``: the recipe builder sits below the trainer.
-- In ``train/``, only ``loop.py`` (the trainer, which turns a recipe into a run) imports the
-  builder ``recipe.build``; the engines, checkpoints, logs and EMAs see only the plain data types
-  of ``recipe.schema``.
+- ``recipe/`` (the recipe language: schema and loader) imports only ``errors`` and itself.
+- ``train/`` sees of ``recipe/`` only the plain data types of ``recipe.schema``; the builder
+  ``mfrecipes.build`` (recipe -> components) imports nothing of ``train/``, and in ``train/`` only
+  ``loop.py`` (the trainer, which turns a recipe into a run) imports it.
 - ``run/layout.py`` imports no package module besides ``errors``: the builder, the trainer, the
   CLI and ``evaluate/`` all build on it.
 - The file names of the run directory's records are spelled in ``run/layout.py`` only.
@@ -79,32 +79,39 @@ def test_the_scanner_sees_every_kind_of_import():
     src = ("import mfrecipes.train.loop\n"
            "def f():\n    from mfrecipes.train import checkpoint as ckpt\n"
            "from ..train.log import read\n")
-    got = imports_of(src, "mfrecipes.recipe.build")
+    got = imports_of(src, "mfrecipes.recipe.load")
     assert "mfrecipes.train.loop" in got
     assert "mfrecipes.train.checkpoint" in got          # a submodule named by from-import
     assert "mfrecipes.train.log" in got                 # relative, inside the package
     assert not imports_of("import os\nfrom typing import Any\n", "mfrecipes.x") & {"mfrecipes"}
 
 
-def test_recipe_never_imports_train():
+def test_the_recipe_language_is_a_leaf():
+    """recipe/ (schema and loader) imports nothing of the package but errors and itself: not
+    train/, not the builder, not the registries or components."""
     graph = _graph()
-    bad = {f: sorted(_under(imp, "mfrecipes.train")) for f, imp in graph.items()
-           if f.startswith("recipe/") and _under(imp, "mfrecipes.train")}
-    assert not bad, f"recipe/ imports train/: {bad}"
+    bad = {f: sorted(m for m in imp if m.startswith("mfrecipes.")
+                     and not m.startswith(("mfrecipes.recipe", "mfrecipes.errors")))
+           for f, imp in graph.items() if f.startswith("recipe/")}
+    assert not {f: m for f, m in bad.items() if m}, bad
 
 
-def test_only_the_trainer_imports_the_recipe_builder():
+def test_train_sees_only_the_schema_and_only_the_trainer_builds():
     graph = _graph()
-    bad = {f: sorted(_under(imp, "mfrecipes.recipe.build")) for f, imp in graph.items()
-           if f.startswith("train/") and f != "train/loop.py"
-           and _under(imp, "mfrecipes.recipe.build")}
-    assert not bad, f"train/ modules other than loop.py import recipe.build: {bad}"
-    # What the rest of train/ may see of recipe/: the schema's plain data types.
+    # train/ (the trainer included) reads recipes as the schema's plain data types only
     other = {f: sorted(m for m in _under(imp, "mfrecipes.recipe")
-                       if m not in ("mfrecipes.recipe", "mfrecipes.recipe.schema")
+                       if m not in ("mfrecipes.recipe.schema",)
                        and not m.startswith("mfrecipes.recipe.schema."))
-             for f, imp in graph.items() if f.startswith("train/") and f != "train/loop.py"}
+             for f, imp in graph.items() if f.startswith("train/")}
     assert not {f: m for f, m in other.items() if m}, other
+    # the builder (recipe -> components) is imported in train/ by the trainer only, and it
+    # imports nothing of train/ (no arrow back up)
+    bad = {f: sorted(_under(imp, "mfrecipes.build")) for f, imp in graph.items()
+           if f.startswith("train/") and f != "train/loop.py"
+           and _under(imp, "mfrecipes.build")}
+    assert not bad, f"train/ modules other than loop.py import mfrecipes.build: {bad}"
+    assert "mfrecipes.build" in graph["train/loop.py"]
+    assert not _under(graph["build.py"], "mfrecipes.train"), sorted(graph["build.py"])
 
 
 def test_run_layout_builds_on_nothing_above_it():

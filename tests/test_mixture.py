@@ -243,7 +243,7 @@ def test_testbed_recipes_check(rel):
 
     from mfrecipes.recipe import load_recipe
     from mfrecipes.data.mixture import Mixture as M
-    from mfrecipes.recipe.build import check_recipe
+    from mfrecipes.build import check_recipe
 
     recipe, data = load_recipe(str(Path(__file__).resolve().parents[1] / "recipes" / rel))
     check_recipe(recipe)

@@ -11,7 +11,7 @@ import pytest
 
 from mfrecipes.errors import RecipeError
 from mfrecipes.recipe import load_recipe
-from mfrecipes.recipe.build import check_recipe
+from mfrecipes.build import check_recipe
 from mfrecipes.recipe.load import apply_overrides, parse_override
 
 from conftest import REPO

@@ -15,7 +15,7 @@ import pytest
 from mfrecipes import registry
 from mfrecipes.plugins import load_components
 from mfrecipes.recipe import load_recipe
-from mfrecipes.recipe.build import check_recipe
+from mfrecipes.build import check_recipe
 from mfrecipes.recipe.schema import COMPONENT_SECTIONS
 
 from conftest import REPO

@@ -8,7 +8,7 @@ import torch
 
 from mfrecipes.errors import CheckpointError, RecipeError
 from mfrecipes.recipe import load_recipe
-from mfrecipes.recipe.build import check_recipe, stage_plan
+from mfrecipes.build import check_recipe, stage_plan
 from mfrecipes.train import checkpoint as ckpt
 from mfrecipes.train.loop import Trainer
 

@@ -68,7 +68,7 @@ from mfrecipes.objectives.base import (
 from mfrecipes.objectives.flow_matching import FlowMatching
 from mfrecipes.objectives.guidance import Guidance
 from mfrecipes.objectives.meanflow import MeanFlow
-from mfrecipes.recipe import build as rbuild
+from mfrecipes import build as rbuild
 from mfrecipes.recipe import load_recipe
 from mfrecipes.train.compile import compile_backbone
 

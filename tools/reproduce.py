@@ -425,7 +425,7 @@ def expected_recipe(job: Job) -> dict:
     from mfrecipes import plugins
     from mfrecipes.data.remote import redact_recipe
     from mfrecipes.recipe import load_recipe
-    from mfrecipes.recipe.build import with_component_defaults
+    from mfrecipes.build import with_component_defaults
 
     plugins.load_components()
     _, resolved = load_recipe(job.recipe, list(job.overrides))

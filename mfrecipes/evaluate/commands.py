@@ -337,7 +337,7 @@ def eval_run(run_dir: str, *, specs: Sequence[SamplerSpec] = (SamplerSpec(1),),
     from mfrecipes.evaluate import exact
 
     if info.name == "mixture" and exact.applies(run.get_dataset()):  # the test bed: noise-free metrics vs the exact flow
-        from mfrecipes.recipe.build import build_light, stage_plan
+        from mfrecipes.build import build_light, stage_plan
 
         last = stage_plan(run.recipe)[-1].recipe
         objective = build_light(last, num_classes=info.num_classes, device=dev).objective

@@ -42,7 +42,7 @@ class LoadedRun:
         """The run's dataset (built on first use: embedded sets are cheap, shards read a
         manifest)."""
         if self.dataset is None:
-            from mfrecipes.recipe.build import build_dataset
+            from mfrecipes.build import build_dataset
 
             object.__setattr__(self, "dataset", build_dataset(self.recipe))
         return self.dataset
@@ -54,7 +54,7 @@ def _read_recipe(run_dir: str, *, allow_imports: bool = False):
     process imported them already."""
     from mfrecipes import plugins
     from mfrecipes.recipe import load_recipe
-    from mfrecipes.recipe.build import load_imports
+    from mfrecipes.build import load_imports
 
     path = os.path.join(run_dir, RESOLVED)
     if not os.path.isfile(path):
@@ -75,7 +75,7 @@ def run_data(recipe) -> tuple[DataInfo, Any]:
     """``(info, dataset or None)``: the static description when the dataset class gives one
     (embedded sets, shards with a declared shape), else the built dataset's."""
     from mfrecipes import registry
-    from mfrecipes.recipe.build import build_dataset
+    from mfrecipes.build import build_dataset
 
     factory = registry.DATASETS.entry(recipe.data.name, where="data.name").obj
     static = getattr(factory, "static_info", None)
@@ -96,7 +96,7 @@ def load_run(run_dir: Union[str, os.PathLike], *, checkpoint: Optional[str] = No
              weights: str = "ema", device: Union[str, torch.device] = "cpu") -> LoadedRun:
     """Build the run's backbone and load one checkpoint's ``weights`` (``ema``, ``raw`` or a
     group name) onto ``device`` in eval mode."""
-    from mfrecipes.recipe.build import build_backbone
+    from mfrecipes.build import build_backbone
     from mfrecipes.run.layout import load_meta
     from mfrecipes.train import checkpoint as ckpt
 

@@ -1,4 +1,5 @@
-"""Recipes: schema (attrs), load (YAML, base:, overrides), build (registries -> parts)."""
+"""Recipes, the language: schema (attrs) and load (YAML, base:, overrides). Turning a recipe
+into components is mfrecipes.build's."""
 from mfrecipes.recipe.load import apply_overrides, dump_yaml, load_raw, load_recipe
 from mfrecipes.recipe.schema import Recipe
 

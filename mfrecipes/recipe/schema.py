@@ -2,7 +2,7 @@
 
 ``Recipe.from_dict`` turns a merged YAML mapping into typed sections. Every error names the dotted
 key path (``train.lr``) and what would be valid; component blocks (``{name, params}``) are checked
-against their registry by ``mfrecipes.recipe.build.check_recipe``.
+against their registry by ``mfrecipes.build.check_recipe``.
 """
 from __future__ import annotations
 

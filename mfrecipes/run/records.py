@@ -111,7 +111,7 @@ def environment(world_size: int = 1, device: str = "cpu") -> dict:
 
 def write_run_records(run_dir: str, resolved: dict, *, world_size: int, device: str) -> None:
     os.makedirs(run_dir, exist_ok=True)
-    from mfrecipes.recipe.build import with_component_defaults
+    from mfrecipes.build import with_component_defaults
 
     # Every component parameter is written with its value, defaults included: the record keeps
     # its meaning when a default changes in a later version.
@@ -200,7 +200,7 @@ def resume_changes(old: dict, new: dict) -> dict[str, dict]:
     """``{key path: {"from": old, "to": new}}`` between two (redacted) recipe mappings; raises
     a ``RecipeError`` naming every path that may not change on resume."""
     from mfrecipes.errors import RecipeError
-    from mfrecipes.recipe.build import with_component_defaults
+    from mfrecipes.build import with_component_defaults
 
     # A recorded default equals an omitted one (older runs recorded only what was written).
     a = _flatten(redact_recipe(with_component_defaults(old)))

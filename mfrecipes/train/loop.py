@@ -30,7 +30,7 @@ from mfrecipes.data.augment import LabelChannels
 from mfrecipes.data.cache import default_cache_dir
 from mfrecipes.devices import pick_device
 from mfrecipes.errors import CheckpointError, RecipeError, TrainingError
-from mfrecipes.recipe import build as rbuild
+from mfrecipes import build as rbuild
 from mfrecipes.recipe.schema import Recipe
 from mfrecipes.train import checkpoint as ckpt
 from mfrecipes.train.compile import compile_backbone
