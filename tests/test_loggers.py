@@ -14,7 +14,8 @@ import pytest
 
 from mfrecipes.errors import RecipeError
 from mfrecipes.recipe import load_recipe
-from mfrecipes.recipe.build import check_recipe
+from mfrecipes.recipe.schema import ComponentCfg
+from mfrecipes.build import check_recipe
 from mfrecipes.registry import LOGGERS
 from mfrecipes.run.layout import read_jsonl
 from mfrecipes.train.log import MetricLogger, RunLogger, logger_blocks
@@ -106,6 +107,24 @@ def test_default_is_jsonl_plus_tensorboard_and_grids_reach_every_backend(tmp_pat
     assert not (tmp_path / "tensorboard").exists()      # not asked for: not written
 
 
+def test_warnings_reach_tensorboard_as_text(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = RunLogger(str(tmp_path), total_images=10, start_images=0,
+                    loggers=("jsonl", "tensorboard"))
+    log.warning("loss weighting returned a huge value", images=8, step=1)
+    log.warning("console only")                        # no images: not a record
+    log.close()
+    (rec,) = read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert rec["warning"] == "loss weighting returned a huge value" and rec["images"] == 8
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    (event,) = acc.Tensors("warnings/text_summary")
+    assert event.step == 8
+    assert event.tensor_proto.string_val[0].decode() == "loss weighting returned a huge value"
+
+
 def _wandb_history(path: str) -> list[dict]:
     """History rows of a wandb run file: 32 KiB blocks of chunks (crc u32, length u16, type u8;
     1 = full, 2/3/4 = first/middle/last) after a 7-byte header, each record a protobuf."""
@@ -133,24 +152,45 @@ def _wandb_history(path: str) -> list[dict]:
     return rows
 
 
-def test_wandb_offline_run_holds_the_logged_figures(tmp_path, monkeypatch):
+def _wandb_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wb" / var.lower()))  # nothing outside tmp_path
-    records = _run(tmp_path, "[jsonl, {name: wandb, params: {project: toy}}]")
+
+
+def _wandb_rows(tmp_path, want, n):
     (run_file,) = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "*.wandb"))
-    run_id = (tmp_path / "run" / "wandb_run_id").read_text().strip()
-    assert run_file.endswith(f"run-{run_id}.wandb")
-    train = _training_records(records)
     deadline = time.time() + 30
     while True:  # wandb's service process may still be writing the file when finish() returns
-        rows = [r for r in _wandb_history(run_file) if "obj/v_loss" in r]
-        if len(rows) >= len(train) or time.time() > deadline:
-            break
+        rows = [r for r in _wandb_history(run_file) if want in r]
+        if len(rows) >= n or time.time() > deadline:
+            return run_file, rows
         time.sleep(0.5)
+
+
+def test_warnings_reach_wandb_as_a_history_column(tmp_path, monkeypatch):
+    _wandb_offline(tmp_path, monkeypatch)
+    (tmp_path / "run").mkdir()
+    log = RunLogger(str(tmp_path / "run"), total_images=10, start_images=0,
+                    loggers=("jsonl", ComponentCfg(name="wandb", params={"project": "toy"})))
+    log.log({"images": 4, "step": 1, "loss": 0.5}, echo=False)
+    log.warning("grad norm was not finite; step skipped", images=8, step=2)
+    log.close()
+    _, rows = _wandb_rows(tmp_path, "warning", 1)
+    assert [(r["images"], r["warning"]) for r in rows] == [
+        (8, "grad norm was not finite; step skipped")]
+
+
+def test_wandb_offline_run_holds_the_logged_figures(tmp_path, monkeypatch):
+    _wandb_offline(tmp_path, monkeypatch)
+    records = _run(tmp_path, "[jsonl, {name: wandb, params: {project: toy}}]")
+    train = _training_records(records)
+    run_file, rows = _wandb_rows(tmp_path, "obj/v_loss", len(train))
+    run_id = (tmp_path / "run" / "wandb_run_id").read_text().strip()
+    assert run_file.endswith(f"run-{run_id}.wandb")
     assert [r["images"] for r in rows] == [r["images"] for r in train]
     for key in ("obj/v_loss", "obj/u_err", "loss", "grad_norm"):
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in train], rel=1e-9)

@@ -85,6 +85,12 @@ class MetricLogger:
             raise RecipeError(why, path="train.loggers")
 
 
+def _warning(record: dict[str, Any]) -> str | None:
+    """The text of a warning record (``RunLogger.warning``), else None."""
+    text = record.get("warning")
+    return text if isinstance(text, str) else None
+
+
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
     """The plottable figures of a record (the axes and strings such as a stage name left out)."""
     return {k: v for k, v in record.items() if k not in ("images", "step", "time")
@@ -109,7 +115,8 @@ class JsonlLogger(MetricLogger):
 
 @LOGGERS.register("tensorboard")
 class TensorBoardLogger(MetricLogger):
-    """TensorBoard event files in RUN_DIR/tensorboard (scalars against images seen, grids)."""
+    """TensorBoard event files in RUN_DIR/tensorboard: scalars against images seen, grids, and
+    the run's warnings as text (tag ``warnings``)."""
 
     requires = ("tensorboard", "tensorboard")
 
@@ -123,6 +130,9 @@ class TensorBoardLogger(MetricLogger):
         step = int(record.get("images", 0))
         for k, v in _scalars(record).items():
             self._tb.add_scalar(k, v, step)
+        text = _warning(record)
+        if text is not None:
+            self._tb.add_text("warnings", text, step)
 
     def log_image(self, tag: str, image, step: int) -> None:
         self._tb.add_image(tag, image, step, dataformats="HWC")
@@ -167,6 +177,9 @@ class WandbLogger(MetricLogger):
 
     def log(self, record: dict[str, Any]) -> None:
         figures = _scalars(record)
+        text = _warning(record)
+        if text is not None:     # a text column in the run's history, beside the figures
+            figures["warning"] = text
         if figures:
             self._run.log({"images": int(record.get("images", 0)), **figures})
 
@@ -244,8 +257,8 @@ class RunLogger:
 
     def warning(self, text: str, *, images: int | None = None, step: int | None = None) -> None:
         """``warning: text`` on the console and, when ``images`` is given, one record
-        ``{images, step, warning}`` to every backend (metrics.jsonl keeps it; backends that
-        plot numbers skip the text)."""
+        ``{images, step, warning}`` to every backend (metrics.jsonl keeps it, TensorBoard shows
+        it as text under ``warnings``, wandb as a ``warning`` column of the run's history)."""
         if not self.enabled:
             return
         self.console.print(f"warning: {text}", highlight=False)
