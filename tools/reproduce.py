@@ -2,7 +2,7 @@
 
     python tools/reproduce.py [--only GROUP[,GROUP]] [--seeds 0,1,2] [--out runs/repro]
         [--recipes recipes] [--set key=value ...] [--scale F] [--select GLOB[,GLOB]]
-        [--jobs N] [--full] [--dry-run | --report-only]
+        [--jobs N] [--full] [--records DIR] [--dry-run | --report-only]
 
 Groups (recipes are globbed when the plan is made, so new recipe files join automatically):
 
@@ -57,6 +57,20 @@ controls' verdict:
 
 A run two groups share (the controls' baseline) is trained once; a group that shares one is
 reported when the run finishes. The test-bed plans read the recipes as YAML only.
+
+**Run records.** As each training run finishes, its group's ``OUT/<group>_runs.json`` is
+rewritten: for every finished run (keyed by its folder under OUT, e.g. ``tb_table3/meanflow-s0``)
+its resolved recipe, its evaluation records and where it came from (git commit, torch). Commit
+those files beside the reports (``recipes/reproduction/testbed/``) and a later checkout picks
+the study up where it stopped: ``--records DIR`` restores every planned run that is not in OUT
+yet and whose record ran the very resolved recipe the plan would run, as a folder with the
+resolved recipe, eval.jsonl and ``recorded.json`` but no weights; it is not trained again, and
+the reports name it. A record whose recipe differs (the differing keys are printed), a run
+another job reads (an evaluation, an initialisation: they need the weights) and a folder that
+already holds something (it resumes) are trained as usual. Runs are not bit-identical across
+machines (float32 rounding differs from the first step), so a restored seed stands for a rerun
+only to within that drift; ``recipes/reproduction/README.md`` gives its measured size.
+Jobs run seed-major, so a study cut short has every arm at its first seeds.
 
 ``--scale F`` multiplies every image count of a training run by F: the budget, each stage's
 images and the log, checkpoint and evaluation cadences (the components see training progress,
