@@ -77,3 +77,19 @@ def run_mfr(args, site: str, cwd: str, **env):
                 **env)
     return subprocess.run([sys.executable, "-m", "mfrecipes.cli", *args], capture_output=True,
                           text=True, cwd=cwd, env=full)
+
+
+def tiny_mixture_recipe(name: str, seed: int, train: str, eval: str) -> str:
+    """A MeanFlow recipe on the 8x8 mixture test-bed data (2 components a class) with the
+    paper's B/4 guidance; ``train`` and ``eval`` are the inline YAML of those sections."""
+    return f"""
+run: {{name: {name}, seed: {seed}, device: cpu}}
+data: {{name: mixture, params: {{resolution: 8, components_per_class: 2}}}}
+backbone: {{name: dit_tiny_4, params: {{}}}}
+objective: {{name: meanflow, params: {{omega: 1.0, kappa: 0.5, class_dropout: 0.1}}}}
+timestep_sampler: {{name: logit_normal, params: {{mu: -0.4, sigma: 1.0, fm_ratio: 0.75}}}}
+loss_weighting: {{name: adaptive, params: {{p: 1.0, c: 0.01}}}}
+gap_schedule: {{name: constant, params: {{}}}}
+train: {train}
+eval: {eval}
+"""

@@ -16,6 +16,8 @@ from mfrecipes.data.mixture import Mixture, exact_moments, velocity
 from mfrecipes.evaluate import exact
 from mfrecipes.evaluate.exact import GuidanceTarget, guided_velocity, solve_flow
 
+from shared_parts import tiny_mixture_recipe
+
 SMALL = dict(resolution=8, components_per_class=2, sigma=0.15)
 FEW = dict(probes=36, traj_probes=36, steps=16)     # every (t, r) pair of the grid once
 
@@ -210,18 +212,10 @@ def test_fd_exact_against_scipy_and_known_shifts(ds):
     assert set(evaluate.quality(ds, x[:500], seed=0)) == {"fd_exact"}
 
 
-TRAIN_RECIPE = """
-run: {name: exact, seed: 2, device: cpu}
-data: {name: mixture, params: {resolution: 8, components_per_class: 2}}
-backbone: {name: dit_tiny_4, params: {}}
-objective: {name: meanflow, params: {omega: 1.0, kappa: 0.5, class_dropout: 0.1}}
-timestep_sampler: {name: logit_normal, params: {mu: -0.4, sigma: 1.0, fm_ratio: 0.75}}
-loss_weighting: {name: adaptive, params: {p: 1.0, c: 0.01}}
-gap_schedule: {name: constant, params: {}}
-train: {total_images: 128, global_batch_size: 32, lr: 1.0e-3, ema_decays: [0.9],
-        log_every_images: 64, checkpoint_every_images: 128, progress_bar: false}
-eval: {every_images: 64, nfe: [1], num_samples: 64, grid_size: 10}
-"""
+TRAIN_RECIPE = tiny_mixture_recipe(
+    "exact", 2, "{total_images: 128, global_batch_size: 32, lr: 1.0e-3, ema_decays: [0.9],\n"
+    "        log_every_images: 64, checkpoint_every_images: 128, progress_bar: false}",
+    "{every_images: 64, nfe: [1], num_samples: 64, grid_size: 10}")
 
 
 def test_trainer_logs_exact_metrics_and_mfr_eval_reports_them(tmp_path, monkeypatch):

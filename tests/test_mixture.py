@@ -13,6 +13,8 @@ from mfrecipes.data.mixture import (BLOCK, Mixture, MixtureSpec, exact_moments, 
                                     velocity)
 from mfrecipes.errors import DataError
 
+from shared_parts import tiny_mixture_recipe
+
 SMALL = dict(resolution=8, components_per_class=2, sigma=0.15)
 
 
@@ -182,18 +184,10 @@ def test_velocity_limits_at_t0_and_t1():
 
 # -- common random numbers through the real trainer -----------------------------------------
 
-CRN_RECIPE = """
-run: {name: crn, seed: 11, device: cpu}
-data: {name: mixture, params: {resolution: 8, components_per_class: 2}}
-backbone: {name: dit_tiny_4, params: {}}
-objective: {name: meanflow, params: {omega: 1.0, kappa: 0.5, class_dropout: 0.1}}
-timestep_sampler: {name: logit_normal, params: {mu: -0.4, sigma: 1.0, fm_ratio: 0.75}}
-loss_weighting: {name: adaptive, params: {p: 1.0, c: 0.01}}
-gap_schedule: {name: constant, params: {}}
-train: {total_images: 160, global_batch_size: 32, lr: 1.0e-3, ema_decays: [0.9],
-        log_every_images: 160, checkpoint_every_images: 160, progress_bar: false}
-eval: {at_end: false}
-"""
+CRN_RECIPE = tiny_mixture_recipe(
+    "crn", 11, "{total_images: 160, global_batch_size: 32, lr: 1.0e-3, ema_decays: [0.9],\n"
+    "        log_every_images: 160, checkpoint_every_images: 160, progress_bar: false}",
+    "{at_end: false}")
 
 
 def _record_draws(tmp_path, name, overrides):

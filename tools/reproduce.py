@@ -229,6 +229,21 @@ def scaled_overrides(path: str, overrides: tuple[str, ...], scale: float) -> tup
     return tuple(out)
 
 
+def plan_curriculum(add, jobs: list[Job], seeds: list[int], fm: list[str], dmf: list[str],
+                    alone: list[str] = ()) -> None:
+    """Per seed: the flow-matching run, then each DMF curriculum initialised from it (it reads
+    that run's weights), then the runs that start from scratch (``alone``)."""
+    for s in seeds:
+        for path in fm:
+            add(path, s)
+        fm_dir = jobs[-1].run_dir if fm else None
+        for path in dmf:
+            add(path, s, (f"init_from.path={fm_dir}",) if fm_dir else (),
+                after=(fm_dir,) if fm_dir else ())
+        for path in alone:
+            add(path, s)
+
+
 def plan(group: str, *, recipes: str, out: str, seeds: list[int], extra: tuple[str, ...] = (),
          full: bool = False, scale: float = 1.0) -> list[Job]:
     """The jobs of one group, in the order they must run."""
@@ -270,14 +285,8 @@ def plan(group: str, *, recipes: str, out: str, seeds: list[int], extra: tuple[s
                 for b in BETA_CV:
                     add(path, s, (f"objective.params.beta_cv={b}", *budget), f"beta{b:g}")
     elif group == "dmf":
-        fm = _globs(recipes, "digits/flow_matching.yaml")
-        for s in seeds:
-            for path in fm:
-                add(path, s)
-            fm_dir = jobs[-1].run_dir if fm else None
-            for path in _globs(recipes, "observation/digits_dmf*.yaml"):
-                add(path, s, (f"init_from.path={fm_dir}",) if fm_dir else (),
-                    after=(fm_dir,) if fm_dir else ())
+        plan_curriculum(add, jobs, seeds, _globs(recipes, "digits/flow_matching.yaml"),
+                        _globs(recipes, "observation/digits_dmf*.yaml"))
     elif group == "table5":
         # "Ours w X" in the paper is X + progressive beta (Table 1's rows), not + X alone.
         for path in _globs(recipes, *(f"digits/table3/{row}.yaml" for row in TABLE5_ROWS)):
@@ -359,16 +368,9 @@ def _plan_testbed(group, add, jobs, *, recipes, out, seeds, extra):
                 for b in BETA_CV:
                     add(path, s, (f"{SWEEP_KEY}={b}",), f"beta{b:g}")
     elif group == "tb_dmf":
-        fm = _globs(recipes, "testbed/dmf/flow_matching.yaml")
-        for s in seeds:
-            for path in fm:
-                add(path, s)
-            fm_dir = jobs[-1].run_dir if fm else None
-            for path in _globs(recipes, "testbed/dmf/dmf*.yaml"):
-                add(path, s, (f"init_from.path={fm_dir}",) if fm_dir else (),
-                    after=(fm_dir,) if fm_dir else ())
-            for path in _globs(recipes, "testbed/dmf/meanflow.yaml"):
-                add(path, s)
+        plan_curriculum(add, jobs, seeds, _globs(recipes, "testbed/dmf/flow_matching.yaml"),
+                        _globs(recipes, "testbed/dmf/dmf*.yaml"),
+                        _globs(recipes, "testbed/dmf/meanflow.yaml"))
     return jobs
 
 
