@@ -509,6 +509,8 @@ def test_records_restore_only_the_same_recipe(repro, tmp_path, capsys):
     os.remove(os.path.join(job.run_dir, "metrics.jsonl"))
     assert repro.restore_recorded([job], index, out) == (["table3/tiny-s0"], [])
     assert repro.is_complete(job) and repro.is_recorded(job.run_dir)
+    # an evaluation of a restored run (planned in a later call) cannot run: one error, no job
+    assert not repro.is_complete(reader)
     from mfrecipes.evaluate.compare import load_run_curve
 
     assert load_run_curve(job.run_dir, "eval/nfe1/fd_digits").points == ((128, 3.0),)
@@ -524,3 +526,20 @@ def test_records_restore_only_the_same_recipe(repro, tmp_path, capsys):
         assert err.startswith("error: ") and "table3_runs.json" in err and err.count("\n") == 1
     assert repro.main(argv[:-3] + ["--records", str(tmp_path / "nowhere"), "--dry-run"]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_an_evaluation_of_a_restored_run_is_one_error(repro, tmp_path, capsys):
+    root = tmp_path / "recipes"
+    (root / "digits" / "table3").mkdir(parents=True)
+    (root / "digits" / "table3" / "meanflow.yaml").write_text(TINY)
+    out = str(tmp_path / "o")
+    (job,) = repro.plan("table3", recipes=str(root), out=out, seeds=[0])
+    rec = {"recipe": repro.expected_recipe(job),
+           "evaluations": [{"images": 128, "eval/nfe1/fd_digits": 3.0}]}
+    assert repro.restore_recorded([job], {"table3/meanflow-s0": ("x", rec)}, out)[0]
+    assert repro.main(["--only", "table5", "--recipes", str(root), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "restored from a run record and has no weights" in err and err.count("\n") == 1
+    # nothing ran: the restored folder is as it was
+    assert sorted(os.listdir(job.run_dir)) == ["eval.jsonl", "recipe.resolved.yaml",
+                                               "recorded.json"]

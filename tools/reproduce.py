@@ -983,6 +983,12 @@ def main(argv=None) -> int:
                 else "to run"
             print(f"  [{state}] {job.kind} {job.run_dir}\n      {shlex.join(command(job)[1:])}")
             ident = (job.kind, job.run_dir, job.eval_args)
+            if job.kind != "train" and not done and is_recorded(job.run_dir):
+                print(f"error: {job.key} evaluates {job.run_dir}, which was restored from a run "
+                      f"record and has no weights; remove that folder and plan its training "
+                      f"group in the same call (e.g. --only tb_table3,tb_table5) so it is "
+                      f"trained", file=sys.stderr)
+                return 2
             if ident in planned:
                 shares.add(group)
             elif not done:
