@@ -168,6 +168,15 @@ def test_controls_gate_passes(tmp_path):
     assert v.mde is not None and v.mde > 0
     md = v.markdown()
     assert "The controls pass" in md and "Minimum detectable effect" in md
+    # the broken row: its per-seed differences of the primary figure, and the final value's
+    # paired difference (every value of a broken curve is 1.6 x wobble x the baseline's)
+    import math
+
+    (row,) = [line for line in md.splitlines() if line.startswith("| broken |")]
+    per_seed = [math.log(1.6 * w) for w in (1.01, 0.99, 1.005)]
+    assert ", ".join(f"{d:+.3f}" for d in per_seed) in row
+    mean = sum(per_seed) / 3
+    assert f"{mean:+.4f} ({100 * math.expm1(mean):+.1f} %)" in row.split("|")[10]
 
 
 @pytest.mark.parametrize("case, kwargs, failing", [

@@ -439,17 +439,24 @@ class ControlsVerdict:
             lines.append("**The test bed cannot judge**: a control failed or has fewer than 2 "
                          "paired seeds, so no claim of this study is printed.")
         lines += ["", "| control | expected | seeds | difference | 95 % CI | MDE | verdict | "
-                  "pass |", "|---|---|---|---|---|---|---|---|"]
+                  "pass | per seed | final value: difference, 95 % CI (not judged) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         a = self.analysis
         for c in self.controls:
             exp = {"none": "no difference", "better": "better", "worse": "worse"}[c.expect]
             if c.result is None or a is None:
-                lines.append(f"| {c.name} | {exp} | - | - | - | - | {c.verdict} | no: {c.why} |")
+                lines.append(f"| {c.name} | {exp} | - | - | - | - | {c.verdict} | no: {c.why} "
+                             "| - | - |")
                 continue
-            st = c.result.stats
+            st, fin = c.result.stats, paired_stats(c.result.final_diffs)
             lines.append(f"| {c.name} | {exp} | {','.join(map(str, c.result.seeds)) or '-'} | "
                          f"{a._fmt_d(st.mean)} | {a._fmt_ci(st.ci)} | {a._fmt_mde(st.mde)} | "
-                         f"{c.verdict} | {'yes' if c.passed else 'no: ' + c.why} |")
+                         f"{c.verdict} | {'yes' if c.passed else 'no: ' + c.why} | "
+                         f"{', '.join(f'{d:+.3f}' for d in c.result.diffs)} | "
+                         f"{a._fmt_d(fin.mean)} {a._fmt_ci(fin.ci)} |")
+        lines += ["", "The gate judges the primary figure (the second-half mean); the per-seed "
+                  "differences are of that figure, and the final value's paired difference is "
+                  "shown beside it for reading, not judged."]
         if self.mde is not None and a is not None:
             lines += ["", f"Minimum detectable effect of the A/A pair (80 % power, alpha 0.05): "
                       f"{a._fmt_mde(self.mde)}."]
