@@ -145,6 +145,17 @@ def test_one_tiny_group_runs_skips_and_reports(repro, tmp_path, capsys):
     def every_run(md):
         return md.split("## Every run")[1]
     assert every_run((fresh / "table3.md").read_text()) == every_run(md)
+    # a later call with another seed keeps the record of seed 0 in the same file
+    (one,) = repro.plan("table3", recipes=str(root), out=str(fresh), seeds=[1])
+    os.makedirs(one.run_dir)
+    _fake_checkpoint(one.run_dir, 128)
+    import shutil
+
+    shutil.copy(restored / "recipe.resolved.yaml", one.run_dir)
+    assert repro.write_records("table3", [one], str(fresh)) == str(fresh / "table3_runs.json")
+    kept = json.loads((fresh / "table3_runs.json").read_text())
+    assert sorted(kept) == ["table3/tiny-s0", "table3/tiny-s1"]
+    assert kept["table3/tiny-s0"]["evaluations"] == rec["evaluations"]
 
 
 def test_scale_multiplies_every_image_count(repro):

@@ -473,8 +473,9 @@ def _provenance(run_dir: str) -> dict:
 
 def write_records(group: str, jobs: list[Job], out: str) -> Optional[str]:
     """OUT/<group>_runs.json: for every finished training run of ``jobs``, its resolved recipe,
-    its evaluation records and where it came from. Committed beside a report, it lets a fresh
-    checkout rebuild the report, and later runs of the study skip those runs (``--records``)."""
+    its evaluation records and where it came from; what the file already holds of runs this call
+    did not plan (other seeds) is kept. Committed beside a report, it lets a fresh checkout
+    rebuild the report, and later runs of the study skip those runs (``--records``)."""
     from mfrecipes.recipe.load import read_yaml
     from mfrecipes.run import layout
 
@@ -490,6 +491,15 @@ def write_records(group: str, jobs: list[Job], out: str) -> Optional[str]:
     if not recs:
         return None
     path = os.path.join(out, group + RECORDS)
+    if os.path.isfile(path):   # runs of this group that this call did not plan (other seeds)
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            old = {}
+        planned = {run_key(j, out) for j in jobs}
+        if isinstance(old, dict):
+            recs.update({k: v for k, v in old.items() if k not in planned and k not in recs})
     layout.atomic_write_text(path, json.dumps(dict(sorted(recs.items())), indent=1) + "\n")
     return path
 
@@ -1005,8 +1015,7 @@ def main(argv=None) -> int:
                                extra=tuple(args.set), full=args.full, scale=args.scale)
         md = report(group, by_group[group], args.out,
                     controls_jobs=tb_controls if group in TB_GROUPS else None)
-        if not args.report_only:
-            write_records(group, by_group[group], args.out)
+        write_records(group, by_group[group], args.out)
         if md:
             print(f"  report: {md}", flush=True)
 
