@@ -532,18 +532,6 @@ def read_records(folder: str) -> dict[str, tuple[str, dict]]:
     return index
 
 
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
-    out = []
-    for k in keys:
-        x, y = a.get(k, "<unset>"), b.get(k, "<unset>")
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _differences(x, y, f"{prefix}{k}.")
-        elif x != y:
-            out.append(f"{prefix}{k}")
-    return out
-
-
 def restore_recorded(jobs: list[Job], index: dict[str, tuple[str, dict]], out: str, *,
                      dry: bool = False) -> tuple[list[str], list[str]]:
     """Turn each training job that has not run yet, whose record's resolved recipe is the one it
@@ -552,6 +540,7 @@ def restore_recorded(jobs: list[Job], index: dict[str, tuple[str, dict]], out: s
     weights and are trained; so is a run whose folder already holds anything (it resumes).
     Returns the keys restored (with ``dry``: that would be; nothing is written) and one line
     per recorded run that is trained instead, with the reason."""
+    from mfrecipes.evaluate.compare import differing_keys, flatten
     from mfrecipes.recipe.load import dump_yaml
     from mfrecipes.run import layout
 
@@ -568,7 +557,7 @@ def restore_recorded(jobs: list[Job], index: dict[str, tuple[str, dict]], out: s
         if os.path.isdir(j.run_dir) and os.listdir(j.run_dir):
             notes.append(f"{key}: its folder is not empty: resumed, not restored")
             continue
-        diff = _differences(rec["recipe"], expected_recipe(j))
+        diff = differing_keys([flatten(rec["recipe"]), flatten(expected_recipe(j))])
         if diff:
             notes.append(f"{key}: the record in {path} ran another recipe ({', '.join(diff[:5])}"
                          f"{' ...' if len(diff) > 5 else ''} differ): trained")
